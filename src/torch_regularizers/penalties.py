@@ -1,0 +1,396 @@
+"""Penalties: the math of each regularizer, nothing else.
+
+Every penalty R has three single-tensor *reference* functions, written as plainly
+as possible and used by the tests as the ground truth for the fast paths:
+
+* ``value(p)``  – R(θ), a 0-d tensor (differentiable when ``p`` requires grad);
+* ``grad(p)``   – ∇R(θ) (a subgradient; 0 at 0 for L1);
+* ``prox(p, t)`` – prox_{t·R}(θ) = argmin_x ½‖x − θ‖² + t·R(x).
+
+and three in-place *multi-tensor* operations used by the
+:class:`~torch_regularizers.Regularizer` on the hot path, each with a reference
+per-tensor loop and a ``torch._foreach_*`` implementation, picked by ``impl``:
+
+* ``grad_(params, grads, strength, scale)``  – g ← g + scale·∇R(θ)     (mode ``"grad"``)
+* ``decay_(params, strength, eta)``          – θ ← θ − η·∇R(θ)         (mode ``"decoupled"``)
+* ``prox_(params, strength, eta)``           – θ ← prox_{η·R}(θ)       (mode ``"prox"``)
+
+``scale`` and ``eta`` may be Python floats or 0-d tensors (a tensor learning rate,
+or a ``GradScaler`` scale / ``found_inf`` mask): tensors never cause a host sync.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import select as _select
+from ._rule import Rule, Strength, check_nonneg
+
+__all__ = ["ElasticNet", "L1", "L2", "Penalty"]
+
+Scalar = Union[float, Tensor]
+IMPLS = ("reference", "foreach")
+
+
+def _acc(p: Tensor) -> Tensor:
+    """``p`` in a dtype fit for accumulation: fp16/bf16 are upcast to fp32."""
+    return p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
+
+
+def _is_tensor(*xs: object) -> bool:
+    return any(isinstance(x, Tensor) for x in xs)
+
+
+def _soft_threshold_(p: Tensor, t: Scalar) -> Tensor:
+    """In place: θ ← sign(θ)·max(|θ| − t, 0), computed as θ − clamp(θ, −t, t).
+
+    The clamp form is exact: coordinates with |θ| ≤ t become exactly +0.
+    """
+    return p.sub_(torch.clamp(p, min=-t, max=t))
+
+
+def _foreach_soft_threshold_(params: list[Tensor], t: float) -> None:
+    clipped = torch._foreach_clamp_max(params, t)
+    torch._foreach_clamp_min_(clipped, -t)
+    torch._foreach_sub_(params, clipped)
+
+
+class Penalty(Rule):
+    """Base class of penalties. Subclasses implement the reference math.
+
+    Args (common to every penalty):
+        on: selector of the parameters it applies to (default ``tr.select.weights``).
+        mode: ``"grad"`` (default), ``"decoupled"``, ``"prox"`` or ``"loss"`` (DESIGN §3).
+        name: name in ``summary()``/``stats()``; default lower-case class name.
+        lr_coupling: for decoupled/prox: the step size η is the group's ``"lr"``
+            (default), ``"lr_ratio"`` (lr / initial_lr) or ``"none"`` (η = 1).
+    """
+
+    #: whether ``prox`` is implemented (modes ``"prox"`` needs it)
+    has_prox: bool = True
+    #: whether ``stats()`` reports the fraction of exact zeros
+    reports_sparsity: bool = False
+
+    def __init__(
+        self,
+        strength: Strength,
+        *,
+        on: _select.Selector | None = None,
+        mode: str = "grad",
+        name: str | None = None,
+        lr_coupling: str = "lr",
+    ) -> None:
+        super().__init__(on=on, mode=mode, name=name, lr_coupling=lr_coupling)
+        if self.mode == "prox" and not self.has_prox:
+            raise ValueError(f"{type(self).__name__}: mode='prox' is not available (no prox)")
+        self._set_strength(strength)
+
+    # ------------------------------------------------------------ reference math
+    def _value(self, p: Tensor, lam: float) -> Tensor:
+        raise NotImplementedError
+
+    def _grad(self, p: Tensor, lam: float) -> Tensor:
+        raise NotImplementedError
+
+    def _prox(self, p: Tensor, lam: float, t: Scalar) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no prox")
+
+    # ------------------------------------------------------------ public single-tensor API
+    def value(self, p: Tensor, strength: float | None = None) -> Tensor:
+        """R(θ) as a 0-d tensor (fp32 for fp16/bf16 parameters); differentiable."""
+        return self._value(p, self._resolve_strength(strength))
+
+    def grad(self, p: Tensor, strength: float | None = None) -> Tensor:
+        """∇R(θ) (subgradient 0 at non-differentiable points), a new tensor."""
+        with torch.no_grad():
+            return self._grad(p.detach(), self._resolve_strength(strength))
+
+    def prox(self, p: Tensor, step: Scalar, strength: float | None = None) -> Tensor:
+        """prox_{step·R}(θ) = argmin_x ½‖x − θ‖² + step·R(x), a new tensor."""
+        with torch.no_grad():
+            return self._prox(p.detach().clone(), self._resolve_strength(strength), step)
+
+    def stats_tensors(self, params, strength):
+        out = {}
+        if params:
+            with torch.no_grad():
+                vals = [self._value(p, strength) for p in params]
+                out["value"] = torch.stack([v.to(vals[0].device, torch.float64) for v in vals]).sum()
+                if self.reports_sparsity:
+                    zeros = torch.stack([(p == 0).sum().to(vals[0].device) for p in params]).sum()
+                    out["sparsity"] = zeros.to(torch.float64) / sum(p.numel() for p in params)
+        return out
+
+    # ------------------------------------------------------------ in-place, reference loop
+    def _ref_grad_(self, p: Tensor, g: Tensor, lam: float, scale: Scalar) -> None:
+        d = self._grad(p, lam)
+        if isinstance(scale, Tensor):
+            g.add_(d.mul_(scale))
+        else:
+            g.add_(d, alpha=scale)
+
+    def _ref_decay_(self, p: Tensor, lam: float, eta: Scalar) -> None:
+        d = self._grad(p, lam)
+        if isinstance(eta, Tensor):
+            p.sub_(d.mul_(eta))
+        else:
+            p.add_(d, alpha=-eta)
+
+    def _ref_prox_(self, p: Tensor, lam: float, eta: Scalar) -> None:
+        p.copy_(self._prox(p, lam, eta))
+
+    # ------------------------------------------------------------ in-place, multi-tensor
+    # Subclasses override these with torch._foreach_* sequences; they are only
+    # called with Python-float ``scale``/``eta`` (tensors go to the reference loop).
+    def _foreach_grad_(self, params: list[Tensor], grads: list[Tensor], lam: float, scale: float) -> None:
+        for p, g in zip(params, grads):
+            self._ref_grad_(p, g, lam, scale)
+
+    def _foreach_decay_(self, params: list[Tensor], lam: float, eta: float) -> None:
+        for p in params:
+            self._ref_decay_(p, lam, eta)
+
+    def _foreach_prox_(self, params: list[Tensor], lam: float, eta: float) -> None:
+        for p in params:
+            self._ref_prox_(p, lam, eta)
+
+    # ------------------------------------------------------------ public hot path
+    def grad_(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        strength: float | None = None,
+        scale: Scalar = 1.0,
+        *,
+        impl: str = "foreach",
+    ) -> None:
+        """In place over tensors of one device/dtype: g ← g + scale·∇R(θ)."""
+        lam = self._resolve_strength(strength)
+        if lam == 0 or not params:
+            return
+        with torch.no_grad():
+            if impl == "reference" or _is_tensor(scale):
+                for p, g in zip(params, grads):
+                    self._ref_grad_(p, g, lam, scale)
+            else:
+                self._foreach_grad_(list(params), list(grads), lam, float(scale))
+
+    def decay_(
+        self,
+        params: Sequence[Tensor],
+        strength: float | None = None,
+        eta: Scalar = 1.0,
+        *,
+        impl: str = "foreach",
+    ) -> None:
+        """In place: θ ← θ − η·∇R(θ) (decoupled / AdamW-style step)."""
+        lam = self._resolve_strength(strength)
+        if lam == 0 or not params:
+            return
+        with torch.no_grad():
+            if impl == "reference" or _is_tensor(eta):
+                for p in params:
+                    self._ref_decay_(p, lam, eta)
+            else:
+                self._foreach_decay_(list(params), lam, float(eta))
+
+    def prox_(
+        self,
+        params: Sequence[Tensor],
+        strength: float | None = None,
+        eta: Scalar = 1.0,
+        *,
+        impl: str = "foreach",
+    ) -> None:
+        """In place: θ ← prox_{η·R}(θ)."""
+        lam = self._resolve_strength(strength)
+        if lam == 0 or not params:
+            return
+        with torch.no_grad():
+            if impl == "reference" or _is_tensor(eta):
+                for p in params:
+                    self._ref_prox_(p, lam, eta)
+            else:
+                self._foreach_prox_(list(params), lam, float(eta))
+
+    # ------------------------------------------------------------ custom penalties
+    @staticmethod
+    def from_fn(
+        fn: Callable[[Tensor], Tensor],
+        strength: Strength = 1.0,
+        *,
+        name: str | None = None,
+        on: _select.Selector | None = None,
+        mode: str = "grad",
+        lr_coupling: str = "lr",
+    ) -> Penalty:
+        """A penalty R(θ) = strength·fn(θ) from any differentiable ``fn(p) -> scalar``.
+
+        The gradient is autograd of ``fn`` on a detached copy of the parameter, so the
+        model's graph is never touched. Modes: grad, decoupled, loss (no prox).
+        """
+        from .structured import FnPenalty
+
+        return FnPenalty(fn, strength, name=name, on=on, mode=mode, lr_coupling=lr_coupling)
+
+
+class L2(Penalty):
+    r"""L2 penalty R(θ) = ½·λ·‖θ‖².
+
+    torch's ``weight_decay=λ`` convention: ∇R = λθ, so ``mode="grad"`` equals
+    ``SGD/Adam/RMSprop(weight_decay=λ)`` bit for bit and ``mode="decoupled"`` (θ ← θ·(1 − lr·λ))
+    equals ``AdamW(weight_decay=λ)`` bit for bit. Keras' ``l2(k)`` penalizes k·‖θ‖²: λ = 2k.
+    prox_{tR}(θ) = θ / (1 + tλ).
+    """
+
+    def _value(self, p: Tensor, lam: float) -> Tensor:
+        a = _acc(p)
+        return 0.5 * lam * (a * a).sum()
+
+    def _grad(self, p: Tensor, lam: float) -> Tensor:
+        return p * lam
+
+    def _prox(self, p: Tensor, lam: float, t: Scalar) -> Tensor:
+        return p.div_(1 + t * lam)
+
+    def _ref_grad_(self, p: Tensor, g: Tensor, lam: float, scale: Scalar) -> None:
+        if isinstance(scale, Tensor):
+            g.add_(p * (scale * lam))
+        else:
+            g.add_(p, alpha=lam * scale)  # exactly torch's `grad.add(param, alpha=wd)`
+
+    def _ref_decay_(self, p: Tensor, lam: float, eta: Scalar) -> None:
+        p.mul_(1 - eta * lam)  # exactly AdamW's `param.mul_(1 - lr * wd)`
+
+    def _foreach_grad_(self, params, grads, lam, scale):
+        torch._foreach_add_(grads, params, alpha=lam * scale)
+
+    def _foreach_decay_(self, params, lam, eta):
+        torch._foreach_mul_(params, 1 - eta * lam)
+
+    def _foreach_prox_(self, params, lam, eta):
+        torch._foreach_div_(params, 1 + eta * lam)
+
+
+class L1(Penalty):
+    r"""L1 penalty R(θ) = λ·‖θ‖₁ (lasso).
+
+    ∇R = λ·sign(θ) (0 at 0). prox_{tR}(θ) = sign(θ)·max(|θ| − tλ, 0) (soft-threshold),
+    which sets small coordinates to exactly 0: use ``mode="prox"`` for sparsity.
+    ``mode="decoupled"`` is a plain subgradient step and never gives exact zeros.
+    """
+
+    reports_sparsity = True
+
+    def _value(self, p: Tensor, lam: float) -> Tensor:
+        return lam * _acc(p).abs().sum()
+
+    def _grad(self, p: Tensor, lam: float) -> Tensor:
+        return torch.sign(p).mul_(lam)
+
+    def _prox(self, p: Tensor, lam: float, t: Scalar) -> Tensor:
+        return _soft_threshold_(p, t * lam)
+
+    def _ref_grad_(self, p, g, lam, scale):
+        if isinstance(scale, Tensor):
+            g.add_(torch.sign(p).mul_(scale * lam))
+        else:
+            g.add_(torch.sign(p), alpha=lam * scale)
+
+    def _ref_decay_(self, p, lam, eta):
+        if isinstance(eta, Tensor):
+            p.sub_(torch.sign(p).mul_(eta * lam))
+        else:
+            p.add_(torch.sign(p), alpha=-eta * lam)
+
+    def _foreach_grad_(self, params, grads, lam, scale):
+        torch._foreach_add_(grads, torch._foreach_sign(params), alpha=lam * scale)
+
+    def _foreach_decay_(self, params, lam, eta):
+        torch._foreach_add_(params, torch._foreach_sign(params), alpha=-eta * lam)
+
+    def _foreach_prox_(self, params, lam, eta):
+        _foreach_soft_threshold_(params, eta * lam)
+
+
+class ElasticNet(Penalty):
+    r"""Elastic net in scikit-learn's convention:
+    R(θ) = α·ρ·‖θ‖₁ + ½·α·(1 − ρ)·‖θ‖²  (α = ``alpha`` = strength, ρ = ``l1_ratio``).
+
+    ∇R = αρ·sign(θ) + α(1−ρ)·θ. prox_{tR}(θ) = soft-threshold(θ, tαρ) / (1 + tα(1−ρ)).
+    ``l1_ratio=1`` is :class:`L1`, ``l1_ratio=0`` is :class:`L2`, both with strength α.
+    """
+
+    reports_sparsity = True
+
+    def __init__(
+        self,
+        alpha: Strength,
+        l1_ratio: float = 0.5,
+        *,
+        on: _select.Selector | None = None,
+        mode: str = "grad",
+        name: str | None = None,
+        lr_coupling: str = "lr",
+    ) -> None:
+        rho = check_nonneg(l1_ratio, "l1_ratio", "ElasticNet")
+        if rho > 1:
+            raise ValueError(f"ElasticNet: l1_ratio must be in [0, 1], got {l1_ratio!r}")
+        self.l1_ratio = rho
+        super().__init__(alpha, on=on, mode=mode, name=name, lr_coupling=lr_coupling)
+
+    def _set_strength(self, strength, arg="alpha"):
+        super()._set_strength(strength, arg)
+
+    def _extra_repr(self) -> str:
+        return f"l1_ratio={self.l1_ratio}"
+
+    def _value(self, p, lam):
+        a = _acc(p)
+        rho = self.l1_ratio
+        return lam * rho * a.abs().sum() + 0.5 * lam * (1 - rho) * (a * a).sum()
+
+    def _grad(self, p, lam):
+        rho = self.l1_ratio
+        return torch.sign(p).mul_(lam * rho).add_(p, alpha=lam * (1 - rho))
+
+    def _prox(self, p, lam, t):
+        rho = self.l1_ratio
+        _soft_threshold_(p, t * (lam * rho))
+        return p.div_(1 + t * (lam * (1 - rho)))
+
+    def _ref_grad_(self, p, g, lam, scale):
+        if isinstance(scale, Tensor):
+            g.add_(self._grad(p, lam).mul_(scale))
+            return
+        rho = self.l1_ratio
+        g.add_(torch.sign(p), alpha=lam * rho * scale)
+        g.add_(p, alpha=lam * (1 - rho) * scale)
+
+    def _foreach_grad_(self, params, grads, lam, scale):
+        rho = self.l1_ratio
+        torch._foreach_add_(grads, torch._foreach_sign(params), alpha=lam * rho * scale)
+        torch._foreach_add_(grads, params, alpha=lam * (1 - rho) * scale)
+
+    def _foreach_decay_(self, params, lam, eta):
+        rho = self.l1_ratio
+        signs = torch._foreach_sign(params)
+        torch._foreach_mul_(params, 1 - eta * (lam * (1 - rho)))
+        torch._foreach_add_(params, signs, alpha=-eta * (lam * rho))
+
+    def _ref_decay_(self, p, lam, eta):
+        rho = self.l1_ratio
+        s = torch.sign(p)
+        p.mul_(1 - eta * (lam * (1 - rho)))
+        if isinstance(eta, Tensor):
+            p.sub_(s.mul_(eta * (lam * rho)))
+        else:
+            p.add_(s, alpha=-eta * (lam * rho))
+
+    def _foreach_prox_(self, params, lam, eta):
+        rho = self.l1_ratio
+        _foreach_soft_threshold_(params, eta * (lam * rho))
+        torch._foreach_div_(params, 1 + eta * (lam * (1 - rho)))

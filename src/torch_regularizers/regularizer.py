@@ -1,0 +1,628 @@
+"""The Regularizer: rules bound to a model's parameters, applied by optimizer hooks.
+
+Modes (DESIGN §3)::
+
+    mode          when                         what
+    "grad"        in optimizer.step(), before  g ← g + ∇R(θ)           (= R added to the loss)
+    "decoupled"   in optimizer.step(), before  θ ← θ − η·∇R(θ)         (AdamW-style, any optimizer)
+    "prox"        in optimizer.step(), after   θ ← prox_{η·R}(θ)       (proximal gradient: exact zeros)
+    "loss"        never automatically          reg.penalty() returns Σ R(θ), differentiable
+
+η is the parameter's param-group ``lr`` (``lr_coupling="lr"``), ``lr / initial_lr``
+(``"lr_ratio"``) or 1 (``"none"``). Constraints are projections after the update,
+after any prox.
+
+Everything that can be decided once is decided at ``attach``: each rule's
+parameters are split by optimizer, param group, device and dtype into *buckets*;
+a step only filters out parameters without a gradient and calls one multi-tensor
+kernel per bucket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import select as _select
+from ._rule import Rule
+from .penalties import Penalty
+
+__all__ = ["Regularizer"]
+
+IMPLS = ("auto", "reference", "foreach")
+
+
+def unwrap_optimizer(opt: Any) -> torch.optim.Optimizer:
+    """The ``torch.optim.Optimizer`` behind a wrapper (accelerate, Lightning): follow ``.optimizer``."""
+    seen = 0
+    while not isinstance(opt, torch.optim.Optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or seen > 8:
+            raise TypeError(
+                f"attach() expects torch.optim.Optimizer instances (or wrappers exposing "
+                f"`.optimizer`), got {type(opt).__name__}"
+            )
+        opt, seen = inner, seen + 1
+    return opt
+
+
+@dataclass
+class _Binding:
+    """A rule bound to a model: its unique name and its selected parameters."""
+
+    rule: Rule
+    name: str
+    infos: list[_select.ParamInfo]
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [i.param for i in self.infos]
+
+
+@dataclass
+class _Bucket:
+    """Parameters of one rule in one param group with one device and dtype."""
+
+    binding: _Binding
+    group: dict | None  # the optimizer's param group (None for manual use without optimizer)
+    group_index: int
+    params: list[nn.Parameter]
+
+    def live(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Parameters that take part in this step (trainable, with a gradient), and grads."""
+        ps, gs = [], []
+        for p in self.params:
+            g = p.grad
+            if g is not None and p.requires_grad:
+                ps.append(p)
+                gs.append(g)
+        return ps, gs
+
+
+@dataclass
+class _OptState:
+    """Per-optimizer bookkeeping: hooks, buckets by mode, applied step count."""
+
+    opt: torch.optim.Optimizer | None
+    buckets: dict[str, list[_Bucket]] = field(default_factory=lambda: defaultdict(list))
+    steps: int = 0
+    skipped: Tensor | None = None  # device-side count of found_inf steps not synced yet
+    initial_lr: dict[int, Any] = field(default_factory=dict)
+    handles: list[Any] = field(default_factory=list)
+    multi_eval: bool = False  # closure evaluated several times per step (LBFGS)
+
+    def step_count(self) -> int:
+        if self.skipped is not None:
+            self.steps -= int(self.skipped.item())
+            self.skipped = None
+        return self.steps
+
+
+def _sum(vals: list[Tensor], device: torch.device | None = None) -> Tensor:
+    """Sum of 0-d tensors (moved to the first one's device); 0 when empty."""
+    if not vals:
+        return torch.zeros((), device=device)
+    total = vals[0]
+    for v in vals[1:]:
+        total = total + v.to(total.device)
+    return total
+
+
+def _fmt_strength(v: float) -> str:
+    return f"{v:.4g}"
+
+
+class Regularizer:
+    """Regularization rules bound to a model's parameters.
+
+    Example::
+
+        reg = tr.Regularizer(model, [
+            tr.L2(1e-4, mode="decoupled"),                       # on tr.select.weights
+            tr.L1(1e-5, on=tr.select.name("head.*"), mode="prox"),
+        ])
+        reg.attach(optimizer)       # every optimizer.step() now applies it
+        print(reg.summary())
+
+    Args:
+        model: the model (wrappers such as DDP or ``torch.compile`` are looked through).
+        rules: penalties and constraints. Each selects its parameters with ``on=``.
+        allow_empty: do not raise when a rule's selector matches no parameter.
+        impl: ``"auto"`` (fastest known), ``"foreach"`` (``torch._foreach_*`` multi-tensor
+            kernels) or ``"reference"`` (plain per-tensor loop, for checking).
+
+    Raises:
+        ValueError: a rule selects nothing (unless ``allow_empty``), two ``"prox"`` rules
+            select one parameter, a rule name is used twice, or a rule rejects a parameter.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rules: Iterable[Rule] | Rule,
+        *,
+        allow_empty: bool = False,
+        impl: str = "auto",
+    ) -> None:
+        if isinstance(rules, Rule):
+            rules = [rules]
+        rules = list(rules)
+        for i, r in enumerate(rules):
+            if not isinstance(r, Rule):
+                raise TypeError(
+                    f"rules[{i}] must be a penalty or constraint (e.g. tr.L2(1e-4)), "
+                    f"got {type(r).__name__}"
+                )
+        if impl not in IMPLS:
+            raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+        self.model = model
+        self.impl = "foreach" if impl == "auto" else impl
+        self._index = _select.index(model)
+        self._bindings: list[_Binding] = []
+        self._manual = _OptState(None)
+        self._states: dict[int, _OptState] = {}  # id(optimizer) -> state, in attach order
+        used: dict[str, int] = {}
+        explicit = {r.name for r in rules if r.name is not None}
+        for r in rules:
+            nm = r.name
+            if nm is None:
+                base = r.default_name
+                n = used.get(base, 0)
+                nm = base if n == 0 else f"{base}_{n}"
+                while nm in explicit or any(b.name == nm for b in self._bindings):
+                    n += 1
+                    nm = f"{base}_{n}"
+                used[base] = n + 1
+            elif any(b.name == nm for b in self._bindings):
+                raise ValueError(f"rule name {nm!r} is used by two rules; give each a distinct name=")
+            hit = r.on.match(self._index)
+            infos = [info for i, info in enumerate(self._index.params) if i in hit]
+            if not infos and not allow_empty:
+                raise ValueError(
+                    f"rule {nm!r} ({type(r).__name__}, on={r.on!r}) selects no parameter of "
+                    f"{type(model).__name__}; check the selector, or pass allow_empty=True"
+                )
+            binding = _Binding(r, nm, infos)
+            r._bind([i.name for i in infos], [i.param for i in infos])
+            self._bindings.append(binding)
+        self._check_prox_conflicts()
+        self._manual.buckets = self._make_buckets(None)
+
+    # ------------------------------------------------------------------ construction helpers
+    def _check_prox_conflicts(self) -> None:
+        owners: dict[int, list[str]] = defaultdict(list)
+        for b in self._bindings:
+            if b.rule.mode == "prox":
+                for info in b.infos:
+                    owners[id(info.param)].append(b.name)
+        clash = [
+            f"{info.name} ({', '.join(owners[id(info.param)])})"
+            for info in self._index.params
+            if len(owners[id(info.param)]) > 1
+        ]
+        if clash:
+            raise ValueError(
+                "two 'prox' rules select the same parameter: "
+                + "; ".join(clash)
+                + ". Combine them in one penalty (tr.ElasticNet, tr.SparseGroupLasso) or use "
+                "another mode for one of them"
+            )
+
+    def _make_buckets(self, opt: torch.optim.Optimizer | None) -> dict[str, list[_Bucket]]:
+        owner: dict[int, int] = {}
+        if opt is not None:
+            for gi, g in enumerate(opt.param_groups):
+                for p in g["params"]:
+                    owner.setdefault(id(p), gi)
+        buckets: dict[str, list[_Bucket]] = defaultdict(list)
+        for b in self._bindings:
+            mode = b.rule.mode
+            if mode == "loss":
+                continue
+            split: dict[tuple, list[nn.Parameter]] = defaultdict(list)
+            for p in b.params:
+                if opt is not None and id(p) not in owner:
+                    continue
+                gi = owner.get(id(p), 0)
+                split[(gi, p.device, p.dtype)].append(p)
+            for (gi, _, _), ps in split.items():
+                group = opt.param_groups[gi] if opt is not None else None
+                buckets[mode].append(_Bucket(b, group, gi, ps))
+        return buckets
+
+    # ------------------------------------------------------------------ attach / detach
+    def attach(self, *optimizers: Any) -> Regularizer:
+        """Apply the rules inside every ``step()`` of these optimizers (all at once, e.g. a GAN's).
+
+        Wrappers exposing ``.optimizer`` (accelerate, Lightning) are looked through.
+        Raises ``ValueError`` if a selected trainable parameter belongs to none of the
+        attached optimizers, or if decoupled/prox rules meet an optimizer that evaluates
+        its closure several times per step (LBFGS).
+        """
+        if not optimizers:
+            raise TypeError("attach() needs at least one optimizer")
+        opts = [unwrap_optimizer(o) for o in optimizers]
+        owned = {id(p) for o in [*opts, *self._optimizers()] for g in o.param_groups for p in g["params"]}
+        missing = [
+            f"{info.name} (rule {b.name!r})"
+            for b in self._bindings
+            if b.rule.mode != "loss"
+            for info in b.infos
+            if info.param.requires_grad and id(info.param) not in owned
+        ]
+        if missing:
+            raise ValueError(
+                "attach(): these selected trainable parameters belong to none of the given "
+                "optimizers, so their rules would never apply: "
+                + ", ".join(missing)
+                + ". Pass every optimizer to attach(), or narrow the rule with on="
+            )
+        for opt in opts:
+            if id(opt) in self._states:
+                continue
+            multi = isinstance(opt, torch.optim.LBFGS)
+            if multi:
+                bad = [b.name for b in self._bindings if b.rule.mode in ("decoupled", "prox") or b.rule.mode == "constraint"]
+                if bad:
+                    raise ValueError(
+                        f"rules {bad} use mode decoupled/prox/constraint, which is not defined for "
+                        f"{type(opt).__name__} (it evaluates the closure several times per step); "
+                        "use mode='grad' or mode='loss'"
+                    )
+            st = _OptState(opt, buckets=self._make_buckets(opt), multi_eval=multi)
+            for gi, g in enumerate(opt.param_groups):
+                st.initial_lr[gi] = g.get("initial_lr", g.get("lr"))
+            st.handles.append(opt.register_step_pre_hook(self._make_pre_hook(st)))
+            st.handles.append(opt.register_step_post_hook(self._make_post_hook(st)))
+            self._states[id(opt)] = st
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook this regularizer registered."""
+        for st in self._states.values():
+            for h in st.handles:
+                h.remove()
+        self._states.clear()
+
+    @contextlib.contextmanager
+    def attached(self, *optimizers: Any) -> Iterator[Regularizer]:
+        """``with reg.attached(opt): ...`` attaches for the block, then detaches."""
+        self.attach(*optimizers)
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return [st.opt for st in self._states.values() if st.opt is not None]
+
+    # ------------------------------------------------------------------ hooks
+    def _make_pre_hook(self, st: _OptState):
+        def pre_hook(opt, args, kwargs):
+            args = tuple(args)
+            if "closure" in kwargs and kwargs["closure"] is not None:
+                kwargs = dict(kwargs)
+                kwargs["closure"] = self._wrap_closure(st, kwargs["closure"])
+                return args, kwargs
+            if len(args) > 1 and args[1] is not None:
+                return (args[0], self._wrap_closure(st, args[1]), *args[2:]), kwargs
+            self._before_update(st)
+            return None
+
+        return pre_hook
+
+    def _make_post_hook(self, st: _OptState):
+        def post_hook(opt, args, kwargs):
+            self._after_update(st)
+
+        return post_hook
+
+    def _wrap_closure(self, st: _OptState, closure):
+        calls = 0
+
+        def regularized_closure():
+            nonlocal calls
+            loss = closure()
+            calls += 1
+            if calls > 1 and not st.multi_eval and (st.buckets["decoupled"]):
+                raise RuntimeError(
+                    f"{type(st.opt).__name__} evaluated its closure twice in one step: decoupled "
+                    "rules would be applied twice; use mode='grad' or mode='loss' with it"
+                )
+            with torch.no_grad():
+                self._before_update(st)
+            if st.multi_eval and st.buckets["grad"] and loss is not None:
+                loss = loss + self._mode_value(st, "grad").to(loss)
+            return loss
+
+        return regularized_closure
+
+    # ------------------------------------------------------------------ the hot path
+    def _lam(self, b: _Binding, step: int) -> float:
+        return b.rule.strength_at(step, b.name)
+
+    def _eta(self, st: _OptState, bucket: _Bucket, lr: Any, found_inf: Tensor | None) -> Any:
+        coupling = bucket.binding.rule.lr_coupling
+        if coupling == "none":
+            eta: Any = 1.0
+        else:
+            if lr is None:
+                if bucket.group is None:
+                    raise ValueError(
+                        f"rule {bucket.binding.name!r}: no optimizer is attached, pass lr= "
+                        "to apply_decoupled()/apply_prox()"
+                    )
+                lr = bucket.group["lr"]
+            if coupling == "lr_ratio":
+                init = st.initial_lr.setdefault(bucket.group_index, lr)
+                eta = lr / init
+            else:
+                eta = lr
+        if found_inf is not None:
+            eta = (found_inf.to(bucket.params[0].device) == 0).to(torch.float32) * eta
+        return eta
+
+    def _before_update(self, st: _OptState, lr: Any = None) -> None:
+        """Grad-mode then decoupled rules, in rule order (inside step(), before the update)."""
+        opt = st.opt
+        found_inf = getattr(opt, "found_inf", None) if opt is not None else None
+        grad_scale = getattr(opt, "grad_scale", None) if opt is not None else None
+        step = st.steps
+        with torch.no_grad():
+            for bk in st.buckets["grad"]:
+                ps, gs = bk.live()
+                if not ps:
+                    continue
+                scale: Any = -1.0 if bk.group is not None and bk.group.get("maximize", False) else 1.0
+                if grad_scale is not None:
+                    scale = grad_scale.to(ps[0].device) * scale
+                bk.binding.rule.grad_(ps, gs, self._lam(bk.binding, step), scale, impl=self.impl)
+            for bk in st.buckets["decoupled"]:
+                ps, _ = bk.live()
+                if ps:
+                    eta = self._eta(st, bk, lr, found_inf)
+                    bk.binding.rule.decay_(ps, self._lam(bk.binding, step), eta, impl=self.impl)
+
+    def _after_update(self, st: _OptState, lr: Any = None, advance: bool = True) -> None:
+        """Prox rules, then constraints (after the update); then count the step."""
+        opt = st.opt
+        found_inf = getattr(opt, "found_inf", None) if opt is not None else None
+        step = st.steps
+        with torch.no_grad():
+            for bk in st.buckets["prox"]:
+                ps, _ = bk.live()
+                if ps:
+                    eta = self._eta(st, bk, lr, found_inf)
+                    bk.binding.rule.prox_(ps, self._lam(bk.binding, step), eta, impl=self.impl)
+            for bk in st.buckets["constraint"]:
+                ps, _ = bk.live()
+                if ps:
+                    bk.binding.rule.project_(ps, found_inf=found_inf, impl=self.impl)
+        if advance:
+            self._count_step(st, found_inf)
+
+    def _has_schedule(self) -> bool:
+        return any(callable(b.rule.strength) for b in self._bindings if isinstance(b.rule, Penalty))
+
+    def _count_step(self, st: _OptState, found_inf: Tensor | None) -> None:
+        """Count an applied step; a step skipped by GradScaler (``found_inf``) does not count.
+
+        Without schedules the skip is counted on device (no host sync) and resolved when
+        the count is read; with a schedule the next strength needs the exact count.
+        """
+        if found_inf is None:
+            st.steps += 1
+        elif self._has_schedule():
+            st.steps += 0 if bool(found_inf.item()) else 1
+        else:
+            inc = (found_inf != 0).to(torch.int64)
+            st.skipped = inc if st.skipped is None else st.skipped + inc.to(st.skipped.device)
+            st.steps += 1
+
+    # ------------------------------------------------------------------ manual use
+    def apply_grad(self) -> None:
+        """Manual use: g ← g + ∇R(θ) for every grad-mode rule (without optimizer hooks)."""
+        for st in self._manual_states():
+            self._run_mode(st, "grad", None)
+
+    def apply_decoupled(self, lr: float | Tensor | None = None) -> None:
+        """Manual use: θ ← θ − η·∇R(θ) for every decoupled rule; ``lr`` defaults to each group's."""
+        for st in self._manual_states():
+            self._run_mode(st, "decoupled", lr)
+
+    def apply_prox(self, lr: float | Tensor | None = None) -> None:
+        """Manual use: θ ← prox_{η·R}(θ) for every prox rule, then constraints."""
+        for st in self._manual_states():
+            self._after_update(st, lr=lr, advance=False)
+
+    def advance(self) -> None:
+        """Manual use: count one step (schedules use the step count). Hooks advance by themselves."""
+        for st in self._manual_states():
+            st.steps += 1
+
+    def _manual_states(self) -> list[_OptState]:
+        return list(self._states.values()) or [self._manual]
+
+    def _run_mode(self, st: _OptState, mode: str, lr: Any) -> None:
+        keep = {m: st.buckets[m] for m in ("grad", "decoupled")}
+        try:
+            for m in keep:
+                st.buckets[m] = keep[m] if m == mode else []
+            self._before_update(st, lr=lr)
+        finally:
+            for m, v in keep.items():
+                st.buckets[m] = v
+
+    # ------------------------------------------------------------------ values
+    @property
+    def step(self) -> int:
+        """Applied steps so far (of the first attached optimizer; manual count otherwise)."""
+        st = next(iter(self._states.values()), self._manual)
+        return st.step_count()
+
+    def _mode_value(self, st: _OptState, mode: str) -> Tensor:
+        bindings = {id(bk.binding): bk.binding for bk in st.buckets[mode]}
+        return _sum([self._binding_value(b, st.steps) for b in bindings.values()])
+
+    def _binding_value(self, b: _Binding, step: int) -> Tensor:
+        lam = self._lam(b, step)
+        return _sum([b.rule.value(p, lam) for p in b.params])
+
+    def penalty(self) -> Tensor:
+        """Differentiable Σ R(θ) over the ``mode="loss"`` rules only: add it to the loss."""
+        step = self.step
+        vals = [
+            self._binding_value(b, step)
+            for b in self._bindings
+            if b.rule.mode == "loss" and isinstance(b.rule, Penalty)
+        ]
+        return _sum(vals, self._default_device())
+
+    def value(self) -> Tensor:
+        """Detached Σ R(θ) over every penalty rule, whatever its mode (for reporting)."""
+        step = self.step
+        with torch.no_grad():
+            vals = [self._binding_value(b, step) for b in self._bindings if isinstance(b.rule, Penalty)]
+        return _sum(vals, self._default_device())
+
+    def stats(self) -> dict[str, float]:
+        """Floats for a logger: ``<rule>/value``, ``<rule>/sparsity`` (fraction of exact zeros),
+        ``<rule>/zero_groups`` (group rules) — one device sync for all of them."""
+        step = self.step
+        keys: list[str] = []
+        vals: list[Tensor] = []
+        with torch.no_grad():
+            for b in self._bindings:
+                if not b.infos:
+                    continue
+                lam = self._lam(b, step) if isinstance(b.rule, Penalty) else 0.0
+                for k, v in b.rule.stats_tensors(b.params, lam).items():
+                    keys.append(f"{b.name}/{k}")
+                    vals.append(v.detach().to(torch.float64))
+        if not vals:
+            return {}
+        dev = vals[0].device
+        out = torch.stack([v.to(dev) for v in vals]).tolist()  # the one host sync
+        return dict(zip(keys, out))
+
+    def _default_device(self) -> torch.device:
+        for info in self._index.params:
+            return info.param.device
+        return torch.device("cpu")
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def rules(self) -> dict[str, Rule]:
+        """Rule name -> rule, in declaration order."""
+        return {b.name: b.rule for b in self._bindings}
+
+    def _group_lr(self, p: nn.Parameter) -> Any:
+        for st in self._states.values():
+            for g in st.opt.param_groups:
+                if any(q is p for q in g["params"]):
+                    lr = g.get("lr")
+                    return float(lr) if isinstance(lr, Tensor) else lr
+        return None
+
+    def summary(self, as_dict: bool = False) -> str | dict[str, Any]:
+        """Which parameter gets what: a text table (or a dict with ``as_dict=True``).
+
+        Dict form: ``{"params": [{"name", "aliases", "shape", "numel", "rules": [{"rule",
+        "mode", "strength"}], "lr"}], "unselected": [names], "rules": {rule: {"params",
+        "numel", "mode"}}}``.
+        """
+        step = self.step
+        per_param: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        rules: dict[str, dict[str, Any]] = {}
+        for b in self._bindings:
+            strength = self._lam(b, step) if isinstance(b.rule, Penalty) else b.rule.summary_strength()
+            rules[b.name] = {
+                "params": len(b.infos),
+                "numel": sum(i.param.numel() for i in b.infos),
+                "mode": b.rule.mode,
+                "kind": type(b.rule).__name__,
+            }
+            for info in b.infos:
+                per_param[id(info.param)].append({"rule": b.name, "mode": b.rule.mode, "strength": strength})
+        params, unselected = [], []
+        for info in self._index.params:
+            entry = per_param.get(id(info.param))
+            if not entry:
+                unselected.append(info.name)
+                continue
+            params.append(
+                {
+                    "name": info.name,
+                    "aliases": list(info.aliases),
+                    "shape": tuple(info.param.shape),
+                    "numel": info.param.numel(),
+                    "trainable": info.param.requires_grad,
+                    "rules": entry,
+                    "lr": self._group_lr(info.param),
+                }
+            )
+        d = {"params": params, "unselected": unselected, "rules": rules}
+        if as_dict:
+            return d
+        return _format_summary(d, type(self.model).__name__)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{b.name}={b.rule!r}" for b in self._bindings)
+        return f"Regularizer({inner})"
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Step counts (per attached optimizer, in attach order) and per-rule state."""
+        return {
+            "steps": [st.step_count() for st in self._states.values()],
+            "manual_steps": self._manual.steps,
+            "rules": {b.name: b.rule.rule_state_dict() for b in self._bindings},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (attach first, in the same order)."""
+        steps = state.get("steps", [])
+        for st, n in zip(self._states.values(), steps):
+            st.steps, st.skipped = int(n), None
+        self._manual.steps = int(state.get("manual_steps", 0))
+        for b in self._bindings:
+            if b.name in state.get("rules", {}):
+                b.rule.load_rule_state_dict(state["rules"][b.name])
+
+
+def _format_summary(d: dict[str, Any], model_name: str) -> str:
+    rows = []
+    for p in d["params"]:
+        name = p["name"] + (f" (= {', '.join(p['aliases'])})" if p["aliases"] else "")
+        if not p["trainable"]:
+            name += " [frozen]"
+        rules = "; ".join(
+            f"{r['rule']}:{r['mode']}" + (f" λ={_fmt_strength(r['strength'])}" if isinstance(r["strength"], float) else "")
+            for r in p["rules"]
+        )
+        lr = "-" if p["lr"] is None else _fmt_strength(float(p["lr"]))
+        rows.append((name, "×".join(map(str, p["shape"])) or "scalar", f"{p['numel']:,}", rules, lr))
+    head = ("parameter", "shape", "numel", "rules", "lr")
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    out = [f"Regularizer on {model_name}", line(head), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    out.append("")
+    if d["unselected"]:
+        out.append(f"not regularized ({len(d['unselected'])}): " + ", ".join(d["unselected"]))
+    else:
+        out.append("not regularized: (none)")
+    out.append("")
+    out.append("rules:")
+    for name, r in d["rules"].items():
+        out.append(f"  {name:<16} {r['kind']:<16} mode={r['mode']:<10} {r['params']:>5} tensors  {r['numel']:>12,} values")
+    return "\n".join(out)
