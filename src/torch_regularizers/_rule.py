@@ -12,7 +12,7 @@ from typing import Callable, Union
 
 from . import select as _select
 
-__all__ = ["MODES", "LR_COUPLINGS", "Rule", "Strength", "check_nonneg"]
+__all__ = ["LR_COUPLINGS", "MODES", "Rule", "Strength", "check_nonneg"]
 
 #: Modes a penalty can run in (see DESIGN §3).
 MODES = ("grad", "decoupled", "prox", "loss")

@@ -21,7 +21,8 @@ or a ``GradScaler`` scale / ``found_inf`` mask): tensors never cause a host sync
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from collections.abc import Sequence
+from typing import Callable, Union
 
 import torch
 from torch import Tensor
@@ -29,10 +30,13 @@ from torch import Tensor
 from . import select as _select
 from ._rule import Rule, Strength, check_nonneg
 
-__all__ = ["ElasticNet", "L1", "L2", "Penalty"]
+__all__ = ["L1", "L2", "ElasticNet", "Penalty"]
 
 Scalar = Union[float, Tensor]
 IMPLS = ("reference", "foreach")
+#: ``"euclidean"``: prox_{η·R}; ``"adaptive"``: the prox in the optimizer's diagonal metric
+#: (ProxGen): per-coordinate step η_i = lr/(√v̂_i + ε), see ``Regularizer``.
+METRICS = ("euclidean", "adaptive")
 
 
 def _acc(p: Tensor) -> Tensor:
@@ -73,6 +77,8 @@ class Penalty(Rule):
     has_prox: bool = True
     #: whether ``stats()`` reports the fraction of exact zeros
     reports_sparsity: bool = False
+    #: whether prox acts coordinate-wise with a per-coordinate step (``metric="adaptive"``)
+    elementwise_prox: bool = False
 
     def __init__(
         self,
@@ -82,10 +88,26 @@ class Penalty(Rule):
         mode: str = "grad",
         name: str | None = None,
         lr_coupling: str = "lr",
+        metric: str = "euclidean",
+        stochastic_rounding: bool = False,
     ) -> None:
         super().__init__(on=on, mode=mode, name=name, lr_coupling=lr_coupling)
+        cls = type(self).__name__
         if self.mode == "prox" and not self.has_prox:
-            raise ValueError(f"{type(self).__name__}: mode='prox' is not available (no prox)")
+            raise ValueError(f"{cls}: mode='prox' is not available (no prox)")
+        if metric not in METRICS:
+            raise ValueError(f"{cls}: metric={metric!r} is not one of {METRICS}")
+        if metric == "adaptive" and (self.mode != "prox" or not self.elementwise_prox):
+            raise ValueError(
+                f"{cls}: metric='adaptive' needs mode='prox' and an elementwise prox "
+                "(L1, L2, ElasticNet)"
+            )
+        if not isinstance(stochastic_rounding, bool):
+            raise TypeError(f"{cls}: stochastic_rounding must be a bool")
+        if stochastic_rounding and self.mode not in ("decoupled", "prox"):
+            raise ValueError(f"{cls}: stochastic_rounding=True needs mode='decoupled' or 'prox'")
+        self.metric = metric
+        self.stochastic_rounding = stochastic_rounding
         self._set_strength(strength)
 
     # ------------------------------------------------------------ reference math
@@ -246,6 +268,8 @@ class L2(Penalty):
     prox_{tR}(θ) = θ / (1 + tλ).
     """
 
+    elementwise_prox = True
+
     def _value(self, p: Tensor, lam: float) -> Tensor:
         a = _acc(p)
         return 0.5 * lam * (a * a).sum()
@@ -282,6 +306,8 @@ class L1(Penalty):
     which sets small coordinates to exactly 0: use ``mode="prox"`` for sparsity.
     ``mode="decoupled"`` is a plain subgradient step and never gives exact zeros.
     """
+
+    elementwise_prox = True
 
     reports_sparsity = True
 
@@ -324,6 +350,8 @@ class ElasticNet(Penalty):
     ``l1_ratio=1`` is :class:`L1`, ``l1_ratio=0`` is :class:`L2`, both with strength α.
     """
 
+    elementwise_prox = True
+
     reports_sparsity = True
 
     def __init__(
@@ -335,12 +363,22 @@ class ElasticNet(Penalty):
         mode: str = "grad",
         name: str | None = None,
         lr_coupling: str = "lr",
+        metric: str = "euclidean",
+        stochastic_rounding: bool = False,
     ) -> None:
         rho = check_nonneg(l1_ratio, "l1_ratio", "ElasticNet")
         if rho > 1:
             raise ValueError(f"ElasticNet: l1_ratio must be in [0, 1], got {l1_ratio!r}")
         self.l1_ratio = rho
-        super().__init__(alpha, on=on, mode=mode, name=name, lr_coupling=lr_coupling)
+        super().__init__(
+            alpha,
+            on=on,
+            mode=mode,
+            name=name,
+            lr_coupling=lr_coupling,
+            metric=metric,
+            stochastic_rounding=stochastic_rounding,
+        )
 
     def _set_strength(self, strength, arg="alpha"):
         super()._set_strength(strength, arg)

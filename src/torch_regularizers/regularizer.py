@@ -21,15 +21,17 @@ kernel per bucket.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import select as _select
+from ._metric import adaptive_step, check_supported
+from ._rounding import LOW_PRECISION, stochastic_round_
 from ._rule import Rule
 from .penalties import Penalty
 
@@ -276,6 +278,11 @@ class Regularizer:
                         "use mode='grad' or mode='loss'"
                     )
             st = _OptState(opt, buckets=self._make_buckets(opt), multi_eval=multi)
+            adaptive = sorted(
+                {bk.binding.name for bk in st.buckets["prox"] if getattr(bk.binding.rule, "metric", "") == "adaptive"}
+            )
+            if adaptive:
+                check_supported(opt, adaptive)
             for gi, g in enumerate(opt.param_groups):
                 st.initial_lr[gi] = g.get("initial_lr", g.get("lr"))
             st.handles.append(opt.register_step_pre_hook(self._make_pre_hook(st)))
@@ -387,7 +394,7 @@ class Regularizer:
                 ps, _ = bk.live()
                 if ps:
                     eta = self._eta(st, bk, lr, found_inf)
-                    bk.binding.rule.decay_(ps, self._lam(bk.binding, step), eta, impl=self.impl)
+                    self._update(st, bk, "decay", ps, self._lam(bk.binding, step), eta)
 
     def _after_update(self, st: _OptState, lr: Any = None, advance: bool = True) -> None:
         """Prox rules, then constraints (after the update); then count the step."""
@@ -399,13 +406,44 @@ class Regularizer:
                 ps, _ = bk.live()
                 if ps:
                     eta = self._eta(st, bk, lr, found_inf)
-                    bk.binding.rule.prox_(ps, self._lam(bk.binding, step), eta, impl=self.impl)
+                    self._update(st, bk, "prox", ps, self._lam(bk.binding, step), eta)
             for bk in st.buckets["constraint"]:
                 ps, _ = bk.live()
                 if ps:
                     bk.binding.rule.project_(ps, found_inf=found_inf, impl=self.impl)
         if advance:
             self._count_step(st, found_inf)
+
+    def _update(self, st: _OptState, bk: _Bucket, op: str, ps: list, lam: float, eta: Any) -> None:
+        """A decoupled ("decay") or prox update of one bucket.
+
+        The fast multi-tensor kernel, unless the rule asks for the optimizer's metric
+        (per-coordinate step, see ``_metric``) or stochastic rounding of bf16/fp16
+        parameters (fp32 math, then unbiased rounding, see ``_rounding``).
+        """
+        rule = bk.binding.rule
+        adaptive = op == "prox" and getattr(rule, "metric", "euclidean") == "adaptive"
+        sr = getattr(rule, "stochastic_rounding", False) and ps[0].dtype in LOW_PRECISION
+        if not (adaptive or sr):
+            (rule.decay_ if op == "decay" else rule.prox_)(ps, lam, eta, impl=self.impl)
+            return
+        ref = rule._ref_decay_ if op == "decay" else rule._ref_prox_
+        for p in ps:
+            step_p = eta
+            if adaptive:
+                if st.opt is None or bk.group is None:
+                    raise ValueError(
+                        f"rule {bk.binding.name!r}: metric='adaptive' needs an attached optimizer"
+                    )
+                step_p = adaptive_step(st.opt, bk.group, p, eta, decay_lr=rule.lr_coupling == "lr")
+                if step_p is None:
+                    continue
+            if sr:
+                w = p.float()
+                ref(w, lam, step_p)
+                stochastic_round_(p, w)
+            else:
+                ref(p, lam, step_p)
 
     def _has_schedule(self) -> bool:
         return any(callable(b.rule.strength) for b in self._bindings if isinstance(b.rule, Penalty))

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -395,7 +396,7 @@ def _is_norm(info: ParamInfo) -> bool:
     return any(_is_norm_module(m) for m in info.owners)
 
 
-all = _Preset("all", lambda info: True)  # noqa: A001 - mirrors the documented name
+all = _Preset("all", lambda info: True)
 biases = _Preset("biases", _is_bias)
 norms = _Preset("norms", _is_norm)
 embeddings = _Preset("embeddings", _is_embedding)
