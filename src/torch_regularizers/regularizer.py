@@ -33,6 +33,8 @@ from . import select as _select
 from ._metric import adaptive_step, check_supported
 from ._rounding import LOW_PRECISION, stochastic_round_
 from ._rule import Rule
+from .activity import ActivityHooks, ActivityPenalty
+from .param_groups import check_double_decay
 from .penalties import Penalty
 
 __all__ = ["Regularizer"]
@@ -169,6 +171,7 @@ class Regularizer:
         self._bindings: list[_Binding] = []
         self._manual = _OptState(None)
         self._states: dict[int, _OptState] = {}  # id(optimizer) -> state, in attach order
+        self._activity: list[ActivityHooks] = []  # forward hooks of activity rules
         used: dict[str, int] = {}
         explicit = {r.name for r in rules if r.name is not None}
         for r in rules:
@@ -183,6 +186,9 @@ class Regularizer:
                 used[base] = n + 1
             elif any(b.name == nm for b in self._bindings):
                 raise ValueError(f"rule name {nm!r} is used by two rules; give each a distinct name=")
+            if isinstance(r, ActivityPenalty):  # selects modules, not parameters
+                self._bind_activity(r, nm, allow_empty)
+                continue
             hit = r.on.match(self._index)
             infos = [info for i, info in enumerate(self._index.params) if i in hit]
             if not infos and not allow_empty:
@@ -288,6 +294,9 @@ class Regularizer:
             st.handles.append(opt.register_step_pre_hook(self._make_pre_hook(st)))
             st.handles.append(opt.register_step_post_hook(self._make_post_hook(st)))
             self._states[id(opt)] = st
+            self._load_pending_opt_state(st)
+            check_double_decay(self, opt)
+        self._activity_register()
         return self
 
     def detach(self) -> None:
@@ -296,6 +305,7 @@ class Regularizer:
             for h in st.handles:
                 h.remove()
         self._states.clear()
+        self._activity_remove()
 
     @contextlib.contextmanager
     def attached(self, *optimizers: Any) -> Iterator[Regularizer]:
@@ -327,6 +337,7 @@ class Regularizer:
     def _make_post_hook(self, st: _OptState):
         def post_hook(opt, args, kwargs):
             self._after_update(st)
+            self._activity_clear()
 
         return post_hook
 
@@ -367,7 +378,9 @@ class Regularizer:
                     )
                 lr = bucket.group["lr"]
             if coupling == "lr_ratio":
-                init = st.initial_lr.setdefault(bucket.group_index, lr)
+                init = bucket.group.get("initial_lr") if bucket.group is not None else None
+                if init is None:  # no LR scheduler set it: the lr seen at attach / first use
+                    init = st.initial_lr.setdefault(bucket.group_index, lr)
                 eta = lr / init
             else:
                 eta = lr
@@ -483,6 +496,7 @@ class Regularizer:
         """Manual use: count one step (schedules use the step count). Hooks advance by themselves."""
         for st in self._manual_states():
             st.steps += 1
+        self._activity_clear()
 
     def _manual_states(self) -> list[_OptState]:
         return list(self._states.values()) or [self._manual]
@@ -520,6 +534,7 @@ class Regularizer:
             for b in self._bindings
             if b.rule.mode == "loss" and isinstance(b.rule, Penalty)
         ]
+        vals += self._activity_pending()
         return _sum(vals, self._default_device())
 
     def value(self) -> Tensor:
@@ -527,6 +542,7 @@ class Regularizer:
         step = self.step
         with torch.no_grad():
             vals = [self._binding_value(b, step) for b in self._bindings if isinstance(b.rule, Penalty)]
+        vals += self._activity_values()
         return _sum(vals, self._default_device())
 
     def stats(self) -> dict[str, float]:
@@ -543,11 +559,53 @@ class Regularizer:
                 for k, v in b.rule.stats_tensors(b.params, lam).items():
                     keys.append(f"{b.name}/{k}")
                     vals.append(v.detach().to(torch.float64))
+            self._activity_stats(keys, vals)
         if not vals:
             return {}
         dev = vals[0].device
         out = torch.stack([v.to(dev) for v in vals]).tolist()  # the one host sync
         return dict(zip(keys, out))
+
+    # ------------------------------------------------------------------ activity rules (issue 4)
+    # Activity rules select modules, not parameters: a binding without parameters plus
+    # forward hooks (see ``activity.py``), registered at construction, removed by detach(),
+    # registered again by attach(). Loss-mode terms are consumed by penalty() and dropped
+    # after every optimizer step / advance().
+    def _bind_activity(self, rule: ActivityPenalty, name: str, allow_empty: bool) -> None:
+        mods = rule.on.modules(self.model)
+        if not mods and not allow_empty:
+            raise ValueError(
+                f"rule {name!r} ({type(rule).__name__}, on={rule.on!r}) selects no module of "
+                f"{type(self.model).__name__}; check on=, or pass allow_empty=True"
+            )
+        self._bindings.append(_Binding(rule, name, []))
+        hooks = ActivityHooks(rule, name, mods, lambda: self.step)
+        hooks.register()
+        self._activity.append(hooks)
+
+    def _activity_register(self) -> None:
+        for h in self._activity:
+            h.register()
+
+    def _activity_remove(self) -> None:
+        for h in self._activity:
+            h.remove()
+
+    def _activity_clear(self) -> None:
+        for h in self._activity:
+            h.pending.clear()
+
+    def _activity_pending(self) -> list[Tensor]:
+        return [v for h in self._activity for v in h.pop_pending()]
+
+    def _activity_values(self) -> list[Tensor]:
+        return [v for h in self._activity for v in h.last.values()]
+
+    def _activity_stats(self, keys: list[str], vals: list[Tensor]) -> None:
+        for h in self._activity:
+            if h.last:
+                keys.append(f"{h.name}/value")
+                vals.append(_sum(list(h.last.values())).detach().to(torch.float64))
 
     def _default_device(self) -> torch.device:
         for info in self._index.params:
@@ -614,24 +672,119 @@ class Regularizer:
         inner = ", ".join(f"{b.name}={b.rule!r}" for b in self._bindings)
         return f"Regularizer({inner})"
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ state (issue 6)
+    def set_strength(self, rule: str, value: Any) -> None:
+        """Change a rule's strength (a float or a schedule ``f(step)``) from the next step on.
+
+        Shows in :meth:`summary` and is kept by :meth:`state_dict`. A schedule sees the
+        global step count (applied steps since the start), not steps since this call.
+        """
+        b = next((b for b in self._bindings if b.name == rule), None)
+        if b is None:
+            raise ValueError(f"set_strength(): no rule named {rule!r}; rules are {[b.name for b in self._bindings]}")
+        if b.rule.mode == "constraint":
+            raise ValueError(f"set_strength(): rule {rule!r} is a {type(b.rule).__name__} constraint and has no strength")
+        b.rule.strength = value
+
+    def _strength_rules(self) -> list[_Binding]:
+        return [b for b in self._bindings if b.rule.mode != "constraint"]
+
     def state_dict(self) -> dict[str, Any]:
-        """Step counts (per attached optimizer, in attach order) and per-rule state."""
+        """What a resumed run needs to continue bit-identically.
+
+        ``optimizers``: per attached optimizer, in attach order, the applied step count and
+        the initial lr of each param group (for ``lr_coupling="lr_ratio"``); ``manual_steps``;
+        ``strengths``: each rule's strength (a float, a ``tr.schedules`` config, a stateful
+        callable's ``state_dict()``, or None for a plain callable), so :meth:`set_strength`
+        survives a restart, as ``optimizer.load_state_dict`` restores ``lr``; ``rules``: each
+        rule's own state (e.g. L2-SP references).
+        """
+        from .schedules import strength_state
+
+        opts = [
+            {
+                "steps": st.step_count(),
+                "initial_lr": {
+                    gi: (v.detach().clone() if isinstance(v, Tensor) else v) for gi, v in st.initial_lr.items()
+                },
+            }
+            for st in self._states.values()
+        ]
         return {
-            "steps": [st.step_count() for st in self._states.values()],
+            "version": 2,
+            "optimizers": opts + list(getattr(self, "_pending_opt_states", [])),
             "manual_steps": self._manual.steps,
+            "strengths": {b.name: strength_state(b.rule.strength) for b in self._strength_rules()},
             "rules": {b.name: b.rule.rule_state_dict() for b in self._bindings},
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved (attach first, in the same order)."""
-        steps = state.get("steps", [])
-        for st, n in zip(self._states.values(), steps):
-            st.steps, st.skipped = int(n), None
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Restore what :meth:`state_dict` saved.
+
+        Step counts go to the attached optimizers in attach order; entries for optimizers not
+        attached yet are applied when they are (so loading before ``attach`` works, as in
+        Lightning, which restores callbacks before it builds the optimizers). With ``strict``,
+        rule names must match this regularizer's (``ValueError`` otherwise).
+        """
+        from .schedules import load_strength_state
+
+        if not isinstance(state, dict):
+            raise TypeError(f"load_state_dict() expects a dict, got {type(state).__name__}")
+        rules_state = state.get("rules", {})
+        strengths = state.get("strengths", {})
+        names = [b.name for b in self._bindings]
+        if strict:
+            unexpected = sorted((set(rules_state) | set(strengths)) - set(names))
+            missing = [n for n in names if n not in rules_state]
+            if unexpected or missing:
+                raise ValueError(
+                    "load_state_dict(): the saved rules do not match this regularizer's "
+                    f"(missing: {missing or 'none'}, unexpected: {unexpected or 'none'}); "
+                    "pass strict=False to load the matching ones"
+                )
+        if "optimizers" in state:
+            entries = [dict(e) for e in state["optimizers"]]
+        else:  # first format: a list of step counts
+            entries = [{"steps": n} for n in state.get("steps", [])]
+        attached = list(self._states.values())
+        self._pending_opt_states = entries[len(attached) :]
+        for st, e in zip(attached, entries):
+            self._apply_opt_entry(st, e)
         self._manual.steps = int(state.get("manual_steps", 0))
         for b in self._bindings:
-            if b.name in state.get("rules", {}):
-                b.rule.load_rule_state_dict(state["rules"][b.name])
+            if b.name in strengths and b.rule.mode != "constraint":
+                load_strength_state(b.rule, strengths[b.name])
+            if b.name in rules_state:
+                b.rule.load_rule_state_dict(rules_state[b.name])
+
+    @staticmethod
+    def _apply_opt_entry(st: _OptState, e: dict[str, Any]) -> None:
+        st.steps, st.skipped = int(e.get("steps", 0)), None
+        for gi, v in e.get("initial_lr", {}).items():
+            st.initial_lr[int(gi)] = v
+
+    def _load_pending_opt_state(self, st: _OptState) -> None:
+        pending = getattr(self, "_pending_opt_states", None)
+        if pending:
+            self._apply_opt_entry(st, pending.pop(0))
+
+    # ------------------------------------------------------------------ config (issue 6)
+    @classmethod
+    def from_config(cls, model: nn.Module, config: Any, **overrides: Any) -> Regularizer:
+        """Build from a config: a dict, or a ``.yaml``/``.yml``/``.json`` path (see
+        ``torch_regularizers.config``). Unknown keys and bad values raise ``ValueError``
+        naming the key path (``rules[1].strength``); a config never imports code."""
+        from .config import from_config
+
+        return from_config(model, config, cls=cls, **overrides)
+
+    def to_config(self) -> dict[str, Any]:
+        """Plain data (dicts, lists, numbers, strings) that :meth:`from_config` turns back into
+        an equal regularizer. ``ValueError`` for what a config cannot hold (``where(...)``
+        selectors, Python callables, explicit reference tensors)."""
+        from .config import to_config
+
+        return to_config(self)
 
 
 def _format_summary(d: dict[str, Any], model_name: str) -> str:
