@@ -9,8 +9,9 @@
 See ``tr.Regularizer`` for the modes, ``tr.select`` for choosing parameters.
 """
 
-from . import select
+from . import schedules, select
 from ._rule import Rule
+from .param_groups import DoubleDecayWarning, param_groups
 from .penalties import L1, L2, ElasticNet, Penalty
 from .regularizer import Regularizer
 
@@ -19,10 +20,13 @@ __version__ = "0.1.0"
 __all__ = [
     "L1",
     "L2",
+    "DoubleDecayWarning",
     "ElasticNet",
     "Penalty",
     "Regularizer",
     "Rule",
     "__version__",
+    "param_groups",
+    "schedules",
     "select",
 ]

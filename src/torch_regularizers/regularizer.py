@@ -45,7 +45,11 @@ IMPLS = ("auto", "reference", "foreach")
 def unwrap_optimizer(opt: Any) -> torch.optim.Optimizer:
     """The ``torch.optim.Optimizer`` behind a wrapper (accelerate, Lightning): follow ``.optimizer``."""
     seen = 0
-    while not isinstance(opt, torch.optim.Optimizer):
+    # accelerate's AcceleratedOptimizer *subclasses* torch.optim.Optimizer without running its
+    # __init__ (no hook dicts): look through anything whose `.optimizer` is an optimizer
+    while not isinstance(opt, torch.optim.Optimizer) or isinstance(
+        getattr(opt, "optimizer", None), torch.optim.Optimizer
+    ):
         inner = getattr(opt, "optimizer", None)
         if inner is None or seen > 8:
             raise TypeError(
@@ -293,6 +297,9 @@ class Regularizer:
                 st.initial_lr[gi] = g.get("initial_lr", g.get("lr"))
             st.handles.append(opt.register_step_pre_hook(self._make_pre_hook(st)))
             st.handles.append(opt.register_step_post_hook(self._make_post_hook(st)))
+            # optimizer.load_state_dict() replaces the param-group dicts: re-bucket against the
+            # new ones, or lr / initial_lr / maximize would be read from stale groups
+            st.handles.append(opt.register_load_state_dict_post_hook(self._make_load_hook(st)))
             self._states[id(opt)] = st
             self._load_pending_opt_state(st)
             check_double_decay(self, opt)
@@ -333,6 +340,12 @@ class Regularizer:
             return None
 
         return pre_hook
+
+    def _make_load_hook(self, st: _OptState):
+        def load_hook(opt):
+            st.buckets = self._make_buckets(opt)
+
+        return load_hook
 
     def _make_post_hook(self, st: _OptState):
         def post_hook(opt, args, kwargs):
