@@ -11,20 +11,34 @@ See ``tr.Regularizer`` for the modes, ``tr.select`` for choosing parameters.
 
 from . import schedules, select
 from ._rule import Rule
+from .activity import ActivityL1, ActivityL2
+from .constraints import Constraint, MaxNorm, NonNeg, UnitNorm
 from .param_groups import DoubleDecayWarning, param_groups
 from .penalties import L1, L2, ElasticNet, Penalty
 from .regularizer import Regularizer
+from .structured import L2SP, FnPenalty, GroupLasso, Orthogonal, SparseGroupLasso
 
 __version__ = "0.1.0"
 
 __all__ = [
     "L1",
     "L2",
+    "L2SP",
+    "ActivityL1",
+    "ActivityL2",
+    "Constraint",
     "DoubleDecayWarning",
     "ElasticNet",
+    "FnPenalty",
+    "GroupLasso",
+    "MaxNorm",
+    "NonNeg",
+    "Orthogonal",
     "Penalty",
     "Regularizer",
     "Rule",
+    "SparseGroupLasso",
+    "UnitNorm",
     "__version__",
     "param_groups",
     "schedules",

@@ -1,0 +1,662 @@
+"""Structured penalties: group lasso, sparse group lasso, L2-SP, orthogonality, custom ``fn``.
+
+Each class implements the single-tensor reference math of
+:class:`~torch_regularizers.Penalty` (``_value``, ``_grad``, ``_prox``); the group
+penalties also have multi-tensor versions for the hot path in which tensors of equal
+(small) shape share one stacked norm kernel, and whole-tensor groups use
+``torch._foreach_norm``.
+
+Groups (``GroupLasso``, ``SparseGroupLasso``, and the constraints ``MaxNorm``/``UnitNorm``)
+are given by ``dim``: the dimensions reduced for each group norm, exactly as in
+``torch.linalg.vector_norm(p, dim=dim)``. The default ``dim=None`` reduces every
+dimension but 0, i.e. one group per output unit / channel of a ``Linear`` or ``Conv``
+weight (rows of ``weight``); a 1-D tensor is one group. ``dim=0`` on a
+``Linear(p, T).weight`` makes each *input feature* a group (a column: the weights of one
+feature across all T outputs), which is scikit-learn's ``MultiTaskLasso`` grouping.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Callable, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import select as _select
+from ._rule import Strength, check_nonneg
+from .penalties import L1, Penalty, _acc, _soft_threshold_
+
+__all__ = ["L2SP", "FnPenalty", "GroupLasso", "Orthogonal", "SparseGroupLasso"]
+
+Scalar = Union[float, Tensor]
+Dim = Union[int, Sequence[int], None]
+_LOW = (torch.float16, torch.bfloat16)
+#: tensors up to this many elements are stacked with their equal-shaped siblings so that
+#: a group norm over many tiny tensors is one kernel instead of one per tensor.
+_STACK_NUMEL = 1 << 16
+
+
+# --------------------------------------------------------------------------- group helpers
+def check_dim_arg(dim: object, owner: str) -> Dim:
+    """Validate a ``dim=`` argument at construction: None, an int or a non-empty tuple of ints."""
+    if dim is None:
+        return None
+    if isinstance(dim, bool):
+        raise TypeError(f"{owner}: dim must be an int, a tuple of ints or None, got {dim!r}")
+    if isinstance(dim, int):
+        return dim
+    if isinstance(dim, (tuple, list)):
+        if not dim:
+            raise ValueError(f"{owner}: dim must not be empty (use dim=None for the default)")
+        if any(isinstance(d, bool) or not isinstance(d, int) for d in dim):
+            raise TypeError(f"{owner}: dim must be an int, a tuple of ints or None, got {dim!r}")
+        if len(set(dim)) != len(dim):
+            raise ValueError(f"{owner}: dim={dim!r} repeats a dimension")
+        return tuple(dim)
+    raise TypeError(f"{owner}: dim must be an int, a tuple of ints or None, got {dim!r}")
+
+
+def group_dims(dim: Dim, ndim: int, owner: str = "group rule") -> tuple[int, ...]:
+    """The reduced dims for a tensor of ``ndim`` dims, normalized (non-negative, sorted).
+
+    ``dim=None``: all but dim 0 (``ndim >= 2``), every dim otherwise (one group).
+    Raises ``ValueError`` naming ``dim`` if the tensor lacks one of them.
+    """
+    if dim is None:
+        return tuple(range(1, ndim)) if ndim >= 2 else tuple(range(ndim))
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    out = []
+    for d in dims:
+        if not -ndim <= d < ndim:
+            raise ValueError(f"{owner}: dim={dim!r} is out of range for a {ndim}-D tensor")
+        out.append(d % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{owner}: dim={dim!r} names a dimension twice for a {ndim}-D tensor")
+    return tuple(sorted(out))
+
+
+def group_size(p: Tensor, dims: tuple[int, ...]) -> int:
+    """Number of elements in each group (the product of the reduced dims' sizes)."""
+    return math.prod(p.shape[d] for d in dims)
+
+
+def group_norm(p: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Group norms with ``keepdim=True`` (fp32 for fp16/bf16); differentiable, and its
+    autograd gradient at an all-zero group is 0 (torch's norm backward masks it), not NaN."""
+    a = _acc(p)
+    if p.dim() == 0:
+        return a.abs()
+    return torch.linalg.vector_norm(a, dim=dims, keepdim=True)
+
+
+def foreach_group_map(
+    params: Sequence[Tensor],
+    dims_of: Callable[[Tensor], tuple[int, ...]],
+    fn: Callable[[Tensor, int], Tensor],
+) -> list[Tensor]:
+    """``fn(group_norms, group_size)`` for every tensor: keepdim-shaped per-group factors
+    (fp32 norms for fp16/bf16), batched where it pays.
+
+    Tensors of one shape (and dims) form a bucket, and ``fn`` runs once per bucket: whole-
+    tensor groups take ``torch._foreach_norm``; small tensors are stacked and reduced by
+    one kernel; large ones are reduced one by one (a stack would copy them).
+    """
+    out: list[Tensor | None] = [None] * len(params)
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        buckets[(tuple(p.shape), dims_of(p))].append(i)
+    for (shape, dims), idx in buckets.items():
+        ps = [params[i] for i in idx]
+        size = math.prod(shape[d] for d in dims)
+        acc = torch.float32 if ps[0].dtype in _LOW else ps[0].dtype
+        if len(ps) > 1 and len(dims) == len(shape) and len(shape) > 0:
+            n = torch.stack(torch._foreach_norm(ps, 2, dtype=acc))
+            factors = list(fn(n, size).reshape((len(ps),) + (1,) * len(shape)).unbind(0))
+        elif len(ps) > 1 and len(shape) > 0 and ps[0].numel() <= _STACK_NUMEL:
+            dd = [d + 1 for d in dims]
+            n = torch.linalg.vector_norm(torch.stack(ps), dim=dd, keepdim=True, dtype=acc)
+            factors = list(fn(n, size).unbind(0))
+        else:
+            factors = [fn(group_norm(p, dims), size) for p in ps]
+        for i, f in zip(idx, factors):
+            out[i] = f
+    return out  # type: ignore[return-value]
+
+
+def _inv_or_zero(w: float, n: Tensor) -> Tensor:
+    """w / n, or 0 for a zero group: the gradient coefficient of w·‖θ_g‖.
+
+    Groups whose norm is below ``tiny·max(1, |w|)`` (zero, or subnormal) count as zero
+    groups, so the coefficient never overflows and θ_g·coef is never inf or NaN.
+    """
+    floor = torch.finfo(n.dtype).tiny * max(1.0, abs(w))
+    return torch.where(
+        n > floor, w / n.clamp_min(floor), torch.zeros((), dtype=n.dtype, device=n.device)
+    )
+
+
+def _shrink_factor(thr: Scalar, n: Tensor) -> Tensor:
+    """max(0, 1 − thr/n): the block soft-threshold factor. Exactly 1 when thr = 0 (so a
+    masked step changes no bit), exactly 0 for n ≤ thr, never NaN at n = 0."""
+    tiny = torch.finfo(n.dtype).tiny
+    return (1 - thr / n.clamp_min(tiny)).clamp_min_(0)
+
+
+def _check_ratio(l1_ratio: object, owner: str) -> float:
+    rho = check_nonneg(l1_ratio, "l1_ratio", owner)
+    if rho > 1:
+        raise ValueError(f"{owner}: l1_ratio must be in [0, 1], got {l1_ratio!r}")
+    return rho
+
+
+def _bind_dims(owner: str, dim: Dim, names: list[str], params: list) -> None:
+    bad = []
+    for n, p in zip(names, params):
+        try:
+            group_dims(dim, p.dim(), owner)
+        except ValueError:
+            bad.append(f"{n} (shape {tuple(p.shape)})")
+    if bad:
+        raise ValueError(
+            f"{owner}: dim={dim!r} is not a valid dim of the selected parameter(s) "
+            + ", ".join(bad)
+            + "; narrow the rule with on= or change dim"
+        )
+
+
+class _GroupMixin:
+    """Group bookkeeping shared by the group penalties."""
+
+    dim: Dim
+
+    def _dims(self, p: Tensor) -> tuple[int, ...]:
+        return group_dims(self.dim, p.dim(), type(self).__name__)
+
+    def _bind(self, names: list[str], params: list) -> None:
+        _bind_dims(type(self).__name__, self.dim, names, params)
+
+    def _group_stats(self, params: list, strength: float) -> dict:
+        vals, zero_groups, zero_elems = [], [], []
+        n_groups = 0
+        dev = params[0].device
+        for p in params:
+            n = group_norm(p.detach(), self._dims(p))
+            vals.append(self._value(p.detach(), strength).to(dev, torch.float64))
+            zero_groups.append((n == 0).sum().to(dev))
+            zero_elems.append((p == 0).sum().to(dev))
+            n_groups += n.numel()
+        zg = torch.stack(zero_groups).sum().to(torch.float64)
+        return {
+            "value": torch.stack(vals).sum(),
+            "sparsity": torch.stack(zero_elems).sum().to(torch.float64)
+            / max(1, sum(p.numel() for p in params)),
+            "zero_groups": zg,
+            "zero_group_fraction": zg / max(1, n_groups),
+        }
+
+
+# --------------------------------------------------------------------------- group lasso
+class GroupLasso(_GroupMixin, Penalty):
+    r"""Group lasso R(θ) = λ·Σ_g √(size_g)·‖θ_g‖₂.
+
+    Args:
+        strength: λ (float or schedule ``f(step)``).
+        dim: the dims reduced for each group norm, as in ``torch.linalg.vector_norm``.
+            Default: all but dim 0 (one group per output unit/channel); a 1-D tensor is
+            one group. ``dim=0`` on a ``Linear`` weight: one group per input feature.
+
+    ∇R = λ√size_g·θ_g/‖θ_g‖, and 0 for an all-zero group (never NaN, also through
+    autograd in ``mode="loss"``). prox_{tR}(θ)_g = θ_g·max(0, 1 − tλ√size_g/‖θ_g‖) (block
+    soft-threshold): whole groups become exactly 0, so use ``mode="prox"`` for structured
+    sparsity. ``stats()`` reports ``value``, ``sparsity`` (fraction of exact zeros),
+    ``zero_groups`` (count) and ``zero_group_fraction``.
+
+    scikit-learn's ``MultiTaskLasso(alpha)`` has no √size factor: with T outputs it is
+    ``GroupLasso(alpha / sqrt(T), dim=0)`` on ``Linear(p, T, bias=False).weight`` with the
+    data term ``‖Y − XWᵀ‖²/(2n)``.
+    """
+
+    reports_sparsity = True
+
+    def __init__(
+        self,
+        strength: Strength,
+        dim: Dim = None,
+        *,
+        on: _select.Selector | None = None,
+        mode: str = "grad",
+        name: str | None = None,
+        lr_coupling: str = "lr",
+        **kwargs,
+    ) -> None:
+        self.dim = check_dim_arg(dim, type(self).__name__)
+        super().__init__(strength, on=on, mode=mode, name=name, lr_coupling=lr_coupling, **kwargs)
+
+    def _extra_repr(self) -> str:
+        return f"dim={self.dim!r}"
+
+    # --- group part, reused by SparseGroupLasso with λ·(1 − ρ)
+    def _gl_value(self, p: Tensor, lam: float) -> Tensor:
+        dims = self._dims(p)
+        return (lam * math.sqrt(group_size(p, dims))) * group_norm(p, dims).sum()
+
+    def _gl_coef(self, p: Tensor, lam: float, n: Tensor | None = None) -> Tensor:
+        dims = self._dims(p)
+        if n is None:
+            n = group_norm(p, dims)
+        return _inv_or_zero(lam * math.sqrt(group_size(p, dims)), n)
+
+    def _gl_prox(self, p: Tensor, lam: float, t: Scalar) -> Tensor:
+        dims = self._dims(p)
+        thr = t * (lam * math.sqrt(group_size(p, dims)))
+        return p.mul_(_shrink_factor(thr, group_norm(p, dims)))
+
+    def _gl_factors(self, params: list[Tensor], fn: Callable[[Tensor, float], Tensor]) -> list[Tensor]:
+        """``fn(norms, sqrt(size))`` for every tensor, once per bucket of equal shapes."""
+        return foreach_group_map(params, self._dims, lambda n, size: fn(n, math.sqrt(size)))
+
+    def _gl_foreach_grad_(self, params, grads, lam, scale):
+        coefs = self._gl_factors(params, lambda n, rs: _inv_or_zero(lam * rs * scale, n))
+        torch._foreach_addcmul_(grads, params, coefs)
+
+    def _gl_foreach_decay_(self, params, lam, eta):
+        factors = self._gl_factors(params, lambda n, rs: 1 - eta * _inv_or_zero(lam * rs, n))
+        torch._foreach_mul_(params, factors)
+
+    def _gl_foreach_prox_(self, params, lam, eta):
+        factors = self._gl_factors(params, lambda n, rs: _shrink_factor(eta * lam * rs, n))
+        torch._foreach_mul_(params, factors)
+
+    # --- Penalty interface
+    def _value(self, p, lam):
+        return self._gl_value(p, lam)
+
+    def _grad(self, p, lam):
+        return (p * self._gl_coef(p, lam)).to(p.dtype)
+
+    def _prox(self, p, lam, t):
+        return self._gl_prox(p, lam, t)
+
+    def _foreach_grad_(self, params, grads, lam, scale):
+        if params[0].dtype in _LOW:  # fp32 math, then the parameter's dtype
+            return super()._foreach_grad_(params, grads, lam, scale)
+        self._gl_foreach_grad_(params, grads, lam, scale)
+
+    def _foreach_decay_(self, params, lam, eta):
+        if params[0].dtype in _LOW:
+            return super()._foreach_decay_(params, lam, eta)
+        self._gl_foreach_decay_(params, lam, eta)
+
+    def _foreach_prox_(self, params, lam, eta):
+        self._gl_foreach_prox_(params, lam, eta)
+
+    def stats_tensors(self, params, strength):
+        return self._group_stats(params, strength) if params else {}
+
+
+class SparseGroupLasso(GroupLasso):
+    r"""Sparse group lasso R(θ) = λ·ρ·‖θ‖₁ + λ·(1 − ρ)·Σ_g √(size_g)·‖θ_g‖₂ (ρ = ``l1_ratio``).
+
+    Same λ for both parts: ``l1_ratio=1`` is :class:`~torch_regularizers.L1` (lasso),
+    ``l1_ratio=0`` is :class:`GroupLasso`. ``dim`` as for :class:`GroupLasso`.
+    prox_{tR} = group prox with tλ(1 − ρ) after the L1 prox (soft-threshold by tλρ); this
+    composition is the exact prox of the sum. Exact zeros both inside groups and of
+    whole groups with ``mode="prox"``.
+    """
+
+    def __init__(
+        self,
+        strength: Strength,
+        l1_ratio: float = 0.5,
+        dim: Dim = None,
+        *,
+        on: _select.Selector | None = None,
+        mode: str = "grad",
+        name: str | None = None,
+        lr_coupling: str = "lr",
+        **kwargs,
+    ) -> None:
+        self.l1_ratio = _check_ratio(l1_ratio, type(self).__name__)
+        super().__init__(
+            strength, dim, on=on, mode=mode, name=name, lr_coupling=lr_coupling, **kwargs
+        )
+
+    def _extra_repr(self) -> str:
+        return f"l1_ratio={self.l1_ratio}, dim={self.dim!r}"
+
+    def _value(self, p, lam):
+        rho = self.l1_ratio
+        return (lam * rho) * _acc(p).abs().sum() + self._gl_value(p, lam * (1 - rho))
+
+    def _grad(self, p, lam):
+        rho = self.l1_ratio
+        d = p * self._gl_coef(p, lam * (1 - rho))
+        return d.add_(torch.sign(p), alpha=lam * rho).to(p.dtype)
+
+    def _prox(self, p, lam, t):
+        rho = self.l1_ratio
+        _soft_threshold_(p, t * (lam * rho))
+        return self._gl_prox(p, lam * (1 - rho), t)
+
+    def _foreach_grad_(self, params, grads, lam, scale):
+        if params[0].dtype in _LOW:
+            return Penalty._foreach_grad_(self, params, grads, lam, scale)
+        rho = self.l1_ratio
+        self._gl_foreach_grad_(params, grads, lam * (1 - rho), scale)
+        _L1_MATH._foreach_grad_(params, grads, lam * rho, scale)  # L1's fast kernels
+
+    def _foreach_decay_(self, params, lam, eta):
+        if params[0].dtype in _LOW:
+            return Penalty._foreach_decay_(self, params, lam, eta)
+        rho = self.l1_ratio
+        signs = torch._foreach_sign(params)  # both parts use θ before the step
+        self._gl_foreach_decay_(params, lam * (1 - rho), eta)
+        torch._foreach_add_(params, signs, alpha=-eta * lam * rho)
+
+    def _foreach_prox_(self, params, lam, eta):
+        rho = self.l1_ratio
+        _L1_MATH._foreach_prox_(params, lam * rho, eta)  # soft-threshold by η·λ·ρ
+        self._gl_foreach_prox_(params, lam * (1 - rho), eta)
+
+
+#: L1 math (its multi-tensor kernels take λ explicitly), for SparseGroupLasso's L1 part
+_L1_MATH = L1(1.0)
+
+
+# --------------------------------------------------------------------------- L2-SP
+class L2SP(Penalty):
+    r"""L2-SP (Li et al. 2018): R(θ) = ½·λ·‖θ − θ₀‖², decay toward reference weights θ₀.
+
+    Args:
+        strength: λ.
+        reference: ``None`` (default): a copy of each selected parameter taken when the
+            :class:`~torch_regularizers.Regularizer` is constructed (typically the
+            pre-trained weights). Or a mapping name → tensor (e.g. a pre-trained model's
+            ``state_dict()``; an ``nn.Module`` is read through its ``state_dict()``), keyed by
+            the parameter names that ``tr.select`` uses; entries for unselected names are
+            ignored. Missing names and shape mismatches raise ``ValueError`` naming them.
+
+    References live with the rule on the parameter's device and dtype, and are saved and
+    restored exactly by ``reg.state_dict()``/``reg.load_state_dict()``. A rule instance
+    belongs to one Regularizer (binding it again takes new references).
+    ∇R = λ(θ − θ₀); prox_{tR}(θ) = θ₀ + (θ − θ₀)/(1 + tλ). All modes.
+    ``stochastic_rounding=True`` is not supported (its fp32 working copy has no reference).
+    """
+
+    elementwise_prox = True
+
+    def __init__(
+        self,
+        strength: Strength,
+        reference: Mapping[str, Tensor] | nn.Module | None = None,
+        *,
+        on: _select.Selector | None = None,
+        mode: str = "grad",
+        name: str | None = None,
+        lr_coupling: str = "lr",
+        **kwargs,
+    ) -> None:
+        if kwargs.get("stochastic_rounding"):
+            raise ValueError("L2SP: stochastic_rounding=True is not supported")
+        if isinstance(reference, nn.Module):
+            reference = reference.state_dict()
+        if reference is not None and not isinstance(reference, Mapping):
+            raise TypeError(
+                f"L2SP: reference must be None, a mapping name -> tensor or a module, "
+                f"got {type(reference).__name__}"
+            )
+        self.reference = reference
+        self._names: list[str] = []
+        self._params: list[Tensor] = []
+        self._refs: list[Tensor] = []
+        self._by_id: dict[int, Tensor] = {}
+        super().__init__(strength, on=on, mode=mode, name=name, lr_coupling=lr_coupling, **kwargs)
+
+    def _bind(self, names: list[str], params: list) -> None:
+        refs = []
+        if self.reference is None:
+            with torch.no_grad():
+                refs = [p.detach().clone() for p in params]
+        else:
+            missing = [n for n in names if n not in self.reference]
+            if missing:
+                raise ValueError(
+                    "L2SP: reference has no entry for the selected parameter(s) "
+                    + ", ".join(missing)
+                )
+            bad = [
+                f"{n} (reference {tuple(self.reference[n].shape)}, parameter {tuple(p.shape)})"
+                for n, p in zip(names, params)
+                if tuple(torch.as_tensor(self.reference[n]).shape) != tuple(p.shape)
+            ]
+            if bad:
+                raise ValueError(
+                    "L2SP: reference shape differs from the parameter: " + ", ".join(bad)
+                )
+            with torch.no_grad():
+                for n, p in zip(names, params):
+                    r = torch.as_tensor(self.reference[n]).detach()
+                    refs.append(r.to(device=p.device, dtype=p.dtype, copy=True))
+        self._names = list(names)
+        self._params = list(params)
+        self._refs = refs
+        self._by_id = {id(p): r for p, r in zip(params, refs)}
+
+    def _ref(self, p: Tensor) -> Tensor:
+        r = self._by_id.get(id(p))
+        if r is not None:
+            return r
+        for q, r in zip(self._params, self._refs):  # a detached alias of a bound parameter
+            if p.data_ptr() == q.data_ptr() and p.shape == q.shape and p.stride() == q.stride():
+                return r
+        raise ValueError(
+            "L2SP: this tensor is not one of the parameters bound at Regularizer construction; "
+            "build a tr.Regularizer with this rule first"
+        )
+
+    # references of the public single-tensor API are resolved before detach()/clone()
+    def grad(self, p, strength=None):
+        ref = self._ref(p)
+        with torch.no_grad():
+            return self._grad_ref(p.detach(), ref, self._resolve_strength(strength))
+
+    def prox(self, p, step, strength=None):
+        ref = self._ref(p)
+        with torch.no_grad():
+            return self._prox_ref(p.detach().clone(), ref, self._resolve_strength(strength), step)
+
+    @staticmethod
+    def _grad_ref(p: Tensor, ref: Tensor, lam: float) -> Tensor:
+        return (p - ref).mul_(lam)
+
+    @staticmethod
+    def _prox_ref(p: Tensor, ref: Tensor, lam: float, t: Scalar) -> Tensor:
+        return p.sub_(ref).div_(1 + t * lam).add_(ref)
+
+    def _value(self, p, lam):
+        d = _acc(p) - _acc(self._ref(p))
+        return 0.5 * lam * (d * d).sum()
+
+    def _grad(self, p, lam):
+        return self._grad_ref(p, self._ref(p), lam)
+
+    def _prox(self, p, lam, t):
+        return self._prox_ref(p, self._ref(p), lam, t)
+
+    def _foreach_grad_(self, params, grads, lam, scale):
+        torch._foreach_add_(grads, params, alpha=lam * scale)
+        torch._foreach_add_(grads, [self._ref(p) for p in params], alpha=-lam * scale)
+
+    def _foreach_decay_(self, params, lam, eta):
+        refs = [self._ref(p) for p in params]
+        torch._foreach_mul_(params, 1 - eta * lam)  # θ(1 − ηλ) + ηλθ₀ = θ − ηλ(θ − θ₀)
+        torch._foreach_add_(params, refs, alpha=eta * lam)
+
+    def _foreach_prox_(self, params, lam, eta):
+        refs = [self._ref(p) for p in params]
+        torch._foreach_sub_(params, refs)
+        torch._foreach_div_(params, 1 + eta * lam)
+        torch._foreach_add_(params, refs)
+
+    @property
+    def references(self) -> dict[str, Tensor]:
+        """Parameter name → reference tensor (after binding)."""
+        return dict(zip(self._names, self._refs))
+
+    def rule_state_dict(self) -> dict:
+        return {"reference": {n: r.detach().clone() for n, r in zip(self._names, self._refs)}}
+
+    def load_rule_state_dict(self, state: dict) -> None:
+        saved = state.get("reference", {})
+        missing = [n for n in self._names if n not in saved]
+        extra = [n for n in saved if n not in self._names]
+        if missing or extra:
+            raise ValueError(
+                f"L2SP: saved references do not match the bound parameters "
+                f"(missing: {missing or 'none'}, unexpected: {extra or 'none'})"
+            )
+        bad = [
+            f"{n} (saved {tuple(saved[n].shape)}, parameter {tuple(r.shape)})"
+            for n, r in zip(self._names, self._refs)
+            if tuple(saved[n].shape) != tuple(r.shape)
+        ]
+        if bad:
+            raise ValueError("L2SP: saved reference shape differs: " + ", ".join(bad))
+        with torch.no_grad():
+            for n, r in zip(self._names, self._refs):
+                r.copy_(saved[n])
+
+
+# --------------------------------------------------------------------------- orthogonality
+class Orthogonal(Penalty):
+    r"""Soft orthogonality: R(W) = λ·‖G − I‖²_F with G the *smaller* Gram matrix of the
+    matrix view W = θ.reshape(out, −1) (conv weights flattened to (out, in·kh·kw)).
+
+    G = WWᵀ (out×out) when out ≤ in, else G = WᵀW (in×in), so wide or tall layers stay
+    cheap. Since ‖WWᵀ − I_out‖²_F = ‖WᵀW − I_in‖²_F + (out − in) for every W, both have the
+    same gradient ∇R = 4λ·W(WᵀW − I) = 4λ·(WWᵀ − I)W; the value reported is the smaller
+    Gram's, i.e. λ·(‖WWᵀ − I‖²_F − max(0, out − in)), which is 0 exactly when W has
+    orthonormal rows (out ≤ in) or orthonormal columns (out > in). Modes grad, decoupled,
+    loss (no prox). Needs tensors with at least 2 dims.
+    """
+
+    has_prox = False
+    _modes = ("grad", "decoupled", "loss")
+
+    def __init__(
+        self,
+        strength: Strength,
+        *,
+        on: _select.Selector | None = None,
+        mode: str = "grad",
+        name: str | None = None,
+        lr_coupling: str = "lr",
+        **kwargs,
+    ) -> None:
+        super().__init__(strength, on=on, mode=mode, name=name, lr_coupling=lr_coupling, **kwargs)
+
+    def _bind(self, names, params):
+        bad = [f"{n} (shape {tuple(p.shape)})" for n, p in zip(names, params) if p.dim() < 2]
+        if bad:
+            raise ValueError(
+                "Orthogonal: needs parameters with at least 2 dims; selected " + ", ".join(bad)
+            )
+
+    @staticmethod
+    def _gram_minus_eye(w: Tensor) -> tuple[Tensor, bool]:
+        rows = w.shape[0] <= w.shape[1]
+        g = w @ w.T if rows else w.T @ w
+        return g - torch.eye(g.shape[0], dtype=g.dtype, device=g.device), rows
+
+    def _matrix(self, p: Tensor) -> Tensor:
+        if p.dim() < 2:
+            raise ValueError(
+                f"Orthogonal: needs a tensor with at least 2 dims, got shape {tuple(p.shape)}"
+            )
+        return _acc(p).reshape(p.shape[0], -1)
+
+    def _value(self, p, lam):
+        d, _ = self._gram_minus_eye(self._matrix(p))
+        return lam * (d * d).sum()
+
+    def _grad(self, p, lam):
+        w = self._matrix(p)
+        d, rows = self._gram_minus_eye(w)
+        g = d @ w if rows else w @ d
+        return g.mul_(4 * lam).reshape(p.shape).to(p.dtype)
+
+
+# --------------------------------------------------------------------------- custom penalties
+class FnPenalty(Penalty):
+    r"""R(θ) = λ·fn(θ) for any differentiable ``fn(tensor) -> scalar tensor``.
+
+    Made by :meth:`Penalty.from_fn`. In ``"loss"`` mode ``fn`` is applied to the parameter
+    itself (joins the model's graph through ``reg.penalty()``). In ``"grad"``/``"decoupled"``
+    mode the gradient is autograd of ``fn`` on a detached alias of the parameter, so the
+    model's graph is never touched. fp16/bf16 parameters are passed to ``fn`` in fp32.
+    ``fn`` is called once on every selected parameter at ``Regularizer`` construction: a
+    non-tensor result raises ``TypeError``, a non-scalar or non-differentiable one (e.g. it
+    calls ``.item()`` or ``.detach()``) raises ``ValueError`` naming the rule and parameter.
+    """
+
+    has_prox = False
+    _modes = ("grad", "decoupled", "loss")
+
+    def __init__(
+        self,
+        fn: Callable[[Tensor], Tensor],
+        strength: Strength = 1.0,
+        *,
+        name: str | None = None,
+        on: _select.Selector | None = None,
+        mode: str = "grad",
+        lr_coupling: str = "lr",
+        **kwargs,
+    ) -> None:
+        if not callable(fn):
+            raise TypeError(f"Penalty.from_fn: fn must be callable, got {type(fn).__name__}")
+        self.fn = fn
+        super().__init__(strength, on=on, mode=mode, name=name, lr_coupling=lr_coupling, **kwargs)
+
+    def _extra_repr(self) -> str:
+        return f"fn={getattr(self.fn, '__name__', type(self.fn).__name__)}"
+
+    def _label(self) -> str:
+        return f"rule {self.name or self.default_name!r} (Penalty.from_fn({getattr(self.fn, '__name__', 'fn')}))"
+
+    def _call(self, x: Tensor, where: str = "") -> Tensor:
+        """fn(x), checked: a scalar tensor, differentiable whenever x is tracked."""
+        v = self.fn(x)
+        if not isinstance(v, Tensor):
+            raise TypeError(
+                f"{self._label()}: fn must return a tensor{where}, got {type(v).__name__}"
+            )
+        if v.numel() != 1:
+            raise ValueError(
+                f"{self._label()}: fn must return a scalar{where}, got shape {tuple(v.shape)}"
+            )
+        if torch.is_grad_enabled() and x.requires_grad and not v.requires_grad:
+            raise ValueError(
+                f"{self._label()}: fn's result{where} does not depend differentiably on its input "
+                "(no autograd graph: .item(), .detach(), integer ops?)"
+            )
+        return v.reshape(())
+
+    def _bind(self, names, params):
+        for n, p in zip(names, params):
+            with torch.enable_grad():
+                self._call(_acc(p.detach()).requires_grad_(True), f" for parameter {n}")
+
+    def _value(self, p, lam):
+        return lam * self._call(_acc(p))
+
+    def _grad(self, p, lam):
+        with torch.enable_grad():
+            x = _acc(p.detach()).requires_grad_(True)
+            (g,) = torch.autograd.grad(self._call(x), x, allow_unused=True)
+        if g is None:
+            return torch.zeros_like(p)
+        return g.mul_(lam).to(p.dtype)
