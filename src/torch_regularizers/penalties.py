@@ -27,6 +27,7 @@ from typing import Callable, Union
 import torch
 from torch import Tensor
 
+from . import kernels as _kernels
 from . import select as _select
 from ._rule import Rule, Strength, check_nonneg
 
@@ -290,13 +291,13 @@ class L2(Penalty):
         p.mul_(1 - eta * lam)  # exactly AdamW's `param.mul_(1 - lr * wd)`
 
     def _foreach_grad_(self, params, grads, lam, scale):
-        torch._foreach_add_(grads, params, alpha=lam * scale)
+        _kernels.l2_grad_(params, grads, lam * scale)
 
     def _foreach_decay_(self, params, lam, eta):
-        torch._foreach_mul_(params, 1 - eta * lam)
+        _kernels.l2_decay_(params, 1 - eta * lam)
 
     def _foreach_prox_(self, params, lam, eta):
-        torch._foreach_div_(params, 1 + eta * lam)
+        _kernels.l2_prox_(params, 1 + eta * lam)
 
 
 class L1(Penalty):
@@ -333,13 +334,13 @@ class L1(Penalty):
             p.add_(torch.sign(p), alpha=-eta * lam)
 
     def _foreach_grad_(self, params, grads, lam, scale):
-        torch._foreach_add_(grads, torch._foreach_sign(params), alpha=lam * scale)
+        _kernels.l1_grad_(params, grads, lam * scale)
 
     def _foreach_decay_(self, params, lam, eta):
-        torch._foreach_add_(params, torch._foreach_sign(params), alpha=-eta * lam)
+        _kernels.l1_decay_(params, -eta * lam)
 
     def _foreach_prox_(self, params, lam, eta):
-        _foreach_soft_threshold_(params, eta * lam)
+        _kernels.soft_threshold_(params, eta * lam)
 
 
 class ElasticNet(Penalty):
@@ -410,14 +411,11 @@ class ElasticNet(Penalty):
 
     def _foreach_grad_(self, params, grads, lam, scale):
         rho = self.l1_ratio
-        torch._foreach_add_(grads, torch._foreach_sign(params), alpha=lam * rho * scale)
-        torch._foreach_add_(grads, params, alpha=lam * (1 - rho) * scale)
+        _kernels.elastic_grad_(params, grads, lam * rho * scale, lam * (1 - rho) * scale)
 
     def _foreach_decay_(self, params, lam, eta):
         rho = self.l1_ratio
-        signs = torch._foreach_sign(params)
-        torch._foreach_mul_(params, 1 - eta * (lam * (1 - rho)))
-        torch._foreach_add_(params, signs, alpha=-eta * (lam * rho))
+        _kernels.elastic_decay_(params, 1 - eta * (lam * (1 - rho)), -eta * (lam * rho))
 
     def _ref_decay_(self, p, lam, eta):
         rho = self.l1_ratio
@@ -430,5 +428,4 @@ class ElasticNet(Penalty):
 
     def _foreach_prox_(self, params, lam, eta):
         rho = self.l1_ratio
-        _foreach_soft_threshold_(params, eta * (lam * rho))
-        torch._foreach_div_(params, 1 + eta * (lam * (1 - rho)))
+        _kernels.soft_threshold_(params, eta * (lam * rho), 1 + eta * (lam * (1 - rho)))
