@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import distributed as _dist
 from . import select as _select
 from ._rule import Rule, check_nonneg
 from .structured import Dim, _bind_dims, check_dim_arg, foreach_group_map, group_dims, group_norm
@@ -119,12 +120,15 @@ class _GroupConstraint(Constraint):
 
     def _project_(self, p, skip):
         f = self._factor(group_norm(p, self._dims(p)))
+        # DTensor (FSDP2): the factors of the local groups broadcast against the local shard
+        f, p = _dist.local(f), _dist.local(p)
         if skip is not None:
             f = torch.where(skip, torch.ones((), dtype=f.dtype, device=f.device), f)
         p.mul_(f)
 
     def _foreach_project_(self, params):
         factors = foreach_group_map(params, self._dims, lambda n, size: self._factor(n))
+        params = _dist.locals_(params)
         if params[0].dtype in _LOW:  # fp32 factors, product rounded once to the param dtype
             for p, f in zip(params, factors):
                 p.mul_(f)
@@ -135,7 +139,8 @@ class _GroupConstraint(Constraint):
         if not params:
             return {}
         dev = params[0].device
-        mx = [group_norm(p.detach(), self._dims(p)).max().to(dev) for p in params if p.numel()]
+        mx = [group_norm(p.detach(), self._dims(p)).max() for p in params if p.numel()]
+        mx = [m.to(dev) for m in _dist.full_values(mx)]  # DTensor: max over shards
         return {"max_norm": torch.stack(mx).max().to(torch.float64)} if mx else {}
 
 
@@ -231,4 +236,5 @@ class NonNeg(Constraint):
         if not ps:
             return {}
         dev = ps[0].device
-        return {"min": torch.stack([p.detach().min().to(dev, torch.float64) for p in ps]).min()}
+        mins = _dist.full_values([p.detach().min() for p in ps])  # DTensor: min over shards
+        return {"min": torch.stack([m.to(dev, torch.float64) for m in mins]).min()}

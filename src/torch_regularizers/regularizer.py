@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import distributed as _dist
 from . import select as _select
 from ._metric import adaptive_step, check_supported
 from ._rounding import LOW_PRECISION, stochastic_round_
@@ -81,6 +82,8 @@ class _Bucket:
     group: dict | None  # the optimizer's param group (None for manual use without optimizer)
     group_index: int
     params: list[nn.Parameter]
+    #: DTensor (FSDP2) parameters of an elementwise rule: kernels run on the local shards
+    local: bool = False
 
     def live(self) -> tuple[list[Tensor], list[Tensor]]:
         """Parameters that take part in this step (trainable, with a gradient), and grads."""
@@ -178,6 +181,7 @@ class Regularizer:
         self._activity: list[ActivityHooks] = []  # forward hooks of activity rules
         used: dict[str, int] = {}
         explicit = {r.name for r in rules if r.name is not None}
+        flat = _dist.fsdp1_managed(model)  # FSDP1 flat parameters: elementwise rules only
         for r in rules:
             nm = r.name
             if nm is None:
@@ -199,8 +203,10 @@ class Regularizer:
                 raise ValueError(
                     f"rule {nm!r} ({type(r).__name__}, on={r.on!r}) selects no parameter of "
                     f"{type(model).__name__}; check the selector, or pass allow_empty=True"
+                    + _dist.empty_selection_hint(flat)
                 )
             binding = _Binding(r, nm, infos)
+            _dist.check_flat_params(flat, [binding])
             r._bind([i.name for i in infos], [i.param for i in infos])
             self._bindings.append(binding)
         self._check_prox_conflicts()
@@ -242,10 +248,11 @@ class Regularizer:
                 if opt is not None and id(p) not in owner:
                     continue
                 gi = owner.get(id(p), 0)
-                split[(gi, p.device, p.dtype)].append(p)
-            for (gi, _, _), ps in split.items():
+                split[(gi, p.device, p.dtype, _dist.is_dtensor(p))].append(p)
+            on_shards = _dist.runs_on_local_shards(b.rule)
+            for (gi, _, _, dt), ps in split.items():
                 group = opt.param_groups[gi] if opt is not None else None
-                buckets[mode].append(_Bucket(b, group, gi, ps))
+                buckets[mode].append(_Bucket(b, group, gi, ps, local=dt and on_shards))
         return buckets
 
     # ------------------------------------------------------------------ attach / detach
@@ -412,6 +419,8 @@ class Regularizer:
                 ps, gs = bk.live()
                 if not ps:
                     continue
+                if bk.local:
+                    ps, gs = _dist.locals_(ps), _dist.locals_(gs)
                 scale: Any = -1.0 if bk.group is not None and bk.group.get("maximize", False) else 1.0
                 if grad_scale is not None:
                     scale = grad_scale.to(ps[0].device) * scale
@@ -436,6 +445,8 @@ class Regularizer:
             for bk in st.buckets["constraint"]:
                 ps, _ = bk.live()
                 if ps:
+                    if bk.local:
+                        ps = _dist.locals_(ps)
                     bk.binding.rule.project_(ps, found_inf=found_inf, impl=self.impl)
         if advance:
             self._count_step(st, found_inf)
@@ -451,6 +462,8 @@ class Regularizer:
         adaptive = op == "prox" and getattr(rule, "metric", "euclidean") == "adaptive"
         sr = getattr(rule, "stochastic_rounding", False) and ps[0].dtype in LOW_PRECISION
         if not (adaptive or sr):
+            if bk.local:
+                ps = _dist.locals_(ps)
             (rule.decay_ if op == "decay" else rule.prox_)(ps, lam, eta, impl=self.impl)
             return
         ref = rule._ref_decay_ if op == "decay" else rule._ref_prox_
@@ -464,10 +477,12 @@ class Regularizer:
                 step_p = adaptive_step(st.opt, bk.group, p, eta, decay_lr=rule.lr_coupling == "lr")
                 if step_p is None:
                     continue
+            if bk.local:
+                p, step_p = _dist.local(p), _dist.local(step_p)
             if sr:
                 w = p.float()
                 ref(w, lam, step_p)
-                stochastic_round_(p, w)
+                stochastic_round_(_dist.local(p), _dist.local(w))
             else:
                 ref(p, lam, step_p)
 
@@ -537,10 +552,14 @@ class Regularizer:
 
     def _binding_value(self, b: _Binding, step: int) -> Tensor:
         lam = self._lam(b, step)
-        return _sum([b.rule.value(p, lam) for p in b.params])
+        # DTensor (FSDP2) values: reduced across shards (a collective: call on every rank)
+        return _sum(_dist.full_values([b.rule.value(p, lam) for p in b.params]))
 
     def penalty(self) -> Tensor:
-        """Differentiable Σ R(θ) over the ``mode="loss"`` rules only: add it to the loss."""
+        """Differentiable Σ R(θ) over the ``mode="loss"`` rules only: add it to the loss.
+
+        With FSDP2 (DTensor parameters) it is the unsharded value, the same on every rank: a
+        collective, call it on every rank (also for :meth:`value` and :meth:`stats`)."""
         step = self.step
         vals = [
             self._binding_value(b, step)
@@ -575,6 +594,7 @@ class Regularizer:
             self._activity_stats(keys, vals)
         if not vals:
             return {}
+        vals = _dist.full_values(vals)  # DTensor stats of custom rules: reduced across shards
         dev = vals[0].device
         out = torch.stack([v.to(dev) for v in vals]).tolist()  # the one host sync
         return dict(zip(keys, out))

@@ -25,6 +25,7 @@ from typing import Callable, Union
 import torch
 from torch import Tensor, nn
 
+from . import distributed as _dist
 from . import select as _select
 from ._rule import Strength, check_nonneg
 from .penalties import L1, Penalty, _acc, _soft_threshold_
@@ -86,6 +87,8 @@ def group_size(p: Tensor, dims: tuple[int, ...]) -> int:
 def group_norm(p: Tensor, dims: tuple[int, ...]) -> Tensor:
     """Group norms with ``keepdim=True`` (fp32 for fp16/bf16); differentiable, and its
     autograd gradient at an all-zero group is 0 (torch's norm backward masks it), not NaN."""
+    if _dist.is_dtensor(p):  # sharded groups: reduced across ranks, never Partial
+        return _dist.group_norm(p, dims)
     a = _acc(p)
     if p.dim() == 0:
         return a.abs()
@@ -104,6 +107,8 @@ def foreach_group_map(
     tensor groups take ``torch._foreach_norm``; small tensors are stacked and reduced by
     one kernel; large ones are reduced one by one (a stack would copy them).
     """
+    if params and _dist.is_dtensor(params[0]):  # FSDP2: local factors from global norms
+        return _dist.foreach_group_map(params, dims_of, fn)
     out: list[Tensor | None] = [None] * len(params)
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
@@ -184,9 +189,13 @@ class _GroupMixin:
         dev = params[0].device
         for p in params:
             n = group_norm(p.detach(), self._dims(p))
-            vals.append(self._value(p.detach(), strength).to(dev, torch.float64))
-            zero_groups.append((n == 0).sum().to(dev))
-            zero_elems.append((p == 0).sum().to(dev))
+            # DTensors: one batched reduction across shards (plain tensors pass through)
+            v, zg, ze = _dist.full_values(
+                [self._value(p.detach(), strength), (n == 0).sum(), (p.detach() == 0).sum()]
+            )
+            vals.append(v.to(dev, torch.float64))
+            zero_groups.append(zg.to(dev))
+            zero_elems.append(ze.to(dev))
             n_groups += n.numel()
         zg = torch.stack(zero_groups).sum().to(torch.float64)
         return {
@@ -260,15 +269,15 @@ class GroupLasso(_GroupMixin, Penalty):
 
     def _gl_foreach_grad_(self, params, grads, lam, scale):
         coefs = self._gl_factors(params, lambda n, rs: _inv_or_zero(lam * rs * scale, n))
-        torch._foreach_addcmul_(grads, params, coefs)
+        torch._foreach_addcmul_(_dist.locals_(grads), _dist.locals_(params), coefs)
 
     def _gl_foreach_decay_(self, params, lam, eta):
         factors = self._gl_factors(params, lambda n, rs: 1 - eta * _inv_or_zero(lam * rs, n))
-        torch._foreach_mul_(params, factors)
+        torch._foreach_mul_(_dist.locals_(params), factors)
 
     def _gl_foreach_prox_(self, params, lam, eta):
         factors = self._gl_factors(params, lambda n, rs: _shrink_factor(eta * lam * rs, n))
-        torch._foreach_mul_(params, factors)
+        torch._foreach_mul_(_dist.locals_(params), factors)
 
     # --- Penalty interface
     def _value(self, p, lam):
@@ -346,19 +355,19 @@ class SparseGroupLasso(GroupLasso):
             return Penalty._foreach_grad_(self, params, grads, lam, scale)
         rho = self.l1_ratio
         self._gl_foreach_grad_(params, grads, lam * (1 - rho), scale)
-        _L1_MATH._foreach_grad_(params, grads, lam * rho, scale)  # L1's fast kernels
+        _L1_MATH._foreach_grad_(_dist.locals_(params), _dist.locals_(grads), lam * rho, scale)
 
     def _foreach_decay_(self, params, lam, eta):
         if params[0].dtype in _LOW:
             return Penalty._foreach_decay_(self, params, lam, eta)
         rho = self.l1_ratio
-        signs = torch._foreach_sign(params)  # both parts use θ before the step
+        signs = torch._foreach_sign(_dist.locals_(params))  # both parts use θ before the step
         self._gl_foreach_decay_(params, lam * (1 - rho), eta)
-        torch._foreach_add_(params, signs, alpha=-eta * lam * rho)
+        torch._foreach_add_(_dist.locals_(params), signs, alpha=-eta * lam * rho)
 
     def _foreach_prox_(self, params, lam, eta):
         rho = self.l1_ratio
-        _L1_MATH._foreach_prox_(params, lam * rho, eta)  # soft-threshold by η·λ·ρ
+        _L1_MATH._foreach_prox_(_dist.locals_(params), lam * rho, eta)  # soft-threshold by η·λ·ρ
         self._gl_foreach_prox_(params, lam * (1 - rho), eta)
 
 
@@ -387,6 +396,8 @@ class L2SP(Penalty):
     """
 
     elementwise_prox = True
+    #: the Regularizer passes DTensor parameters as they are (not their local shards)
+    takes_dtensors = True
 
     def __init__(
         self,
@@ -439,7 +450,10 @@ class L2SP(Penalty):
             with torch.no_grad():
                 for n, p in zip(names, params):
                     r = torch.as_tensor(self.reference[n]).detach()
-                    refs.append(r.to(device=p.device, dtype=p.dtype, copy=True))
+                    r = r.to(device=p.device, dtype=p.dtype, copy=True)
+                    if _dist.is_dtensor(p) or _dist.is_dtensor(r):  # sharded like p
+                        r = _dist.like(r, p)
+                    refs.append(r)
         self._names = list(names)
         self._params = list(params)
         self._refs = refs
@@ -486,17 +500,23 @@ class L2SP(Penalty):
     def _prox(self, p, lam, t):
         return self._prox_ref(p, self._ref(p), lam, t)
 
+    # DTensor (FSDP2) parameters arrive whole (``takes_dtensors``), so that their references
+    # are found; the math runs on the local shards
     def _foreach_grad_(self, params, grads, lam, scale):
+        refs = _dist.locals_([self._ref(p) for p in params])
+        params, grads = _dist.locals_(params), _dist.locals_(grads)
         torch._foreach_add_(grads, params, alpha=lam * scale)
-        torch._foreach_add_(grads, [self._ref(p) for p in params], alpha=-lam * scale)
+        torch._foreach_add_(grads, refs, alpha=-lam * scale)
 
     def _foreach_decay_(self, params, lam, eta):
-        refs = [self._ref(p) for p in params]
+        refs = _dist.locals_([self._ref(p) for p in params])
+        params = _dist.locals_(params)
         torch._foreach_mul_(params, 1 - eta * lam)  # θ(1 − ηλ) + ηλθ₀ = θ − ηλ(θ − θ₀)
         torch._foreach_add_(params, refs, alpha=eta * lam)
 
     def _foreach_prox_(self, params, lam, eta):
-        refs = [self._ref(p) for p in params]
+        refs = _dist.locals_([self._ref(p) for p in params])
+        params = _dist.locals_(params)
         torch._foreach_sub_(params, refs)
         torch._foreach_div_(params, 1 + eta * lam)
         torch._foreach_add_(params, refs)
@@ -527,7 +547,8 @@ class L2SP(Penalty):
             raise ValueError("L2SP: saved reference shape differs: " + ", ".join(bad))
         with torch.no_grad():
             for n, r in zip(self._names, self._refs):
-                r.copy_(saved[n])
+                s = saved[n]
+                r.copy_(_dist.like(s, r) if _dist.is_dtensor(r) or _dist.is_dtensor(s) else s)
 
 
 # --------------------------------------------------------------------------- orthogonality
@@ -579,10 +600,14 @@ class Orthogonal(Penalty):
         return _acc(p).reshape(p.shape[0], -1)
 
     def _value(self, p, lam):
+        if _dist.is_dtensor(p):  # FSDP2: on the full matrix (all-gather, differentiable)
+            return self._value(_dist.full(p), lam)
         d, _ = self._gram_minus_eye(self._matrix(p))
         return lam * (d * d).sum()
 
     def _grad(self, p, lam):
+        if _dist.is_dtensor(p):  # FSDP2: gradient of the full matrix, sharded like p
+            return _dist.like(self._grad(_dist.full(p), lam), p)
         w = self._matrix(p)
         d, rows = self._gram_minus_eye(w)
         g = d @ w if rows else w @ d
@@ -648,15 +673,18 @@ class FnPenalty(Penalty):
     def _bind(self, names, params):
         for n, p in zip(names, params):
             with torch.enable_grad():
-                self._call(_acc(p.detach()).requires_grad_(True), f" for parameter {n}")
+                x = _acc(_dist.full(p.detach()))
+                self._call(x.requires_grad_(True), f" for parameter {n}")
 
     def _value(self, p, lam):
-        return lam * self._call(_acc(p))
+        return lam * self._call(_acc(_dist.full(p)))  # fn sees the whole tensor under FSDP2
 
     def _grad(self, p, lam):
+        if _dist.is_dtensor(p):  # FSDP2: gradient of fn at the full tensor, sharded like p
+            return _dist.like(self._grad(_dist.full(p.detach()), lam), p)
         with torch.enable_grad():
             x = _acc(p.detach()).requires_grad_(True)
             (g,) = torch.autograd.grad(self._call(x), x, allow_unused=True)
         if g is None:
             return torch.zeros_like(p)
-        return g.mul_(lam).to(p.dtype)
+        return (g * lam).to(p.dtype)  # not in place: autograd may return an expanded tensor
