@@ -107,12 +107,20 @@ class _OptState:
     initial_lr: dict[int, Any] = field(default_factory=dict)
     handles: list[Any] = field(default_factory=list)
     multi_eval: bool = False  # closure evaluated several times per step (LBFGS)
+    attached: bool = True  # detach() keeps the state (step counts) for a later attach
+    groups_sig: tuple = ()  # the optimizer's param groups when the buckets were built
 
     def step_count(self) -> int:
         if self.skipped is not None:
             self.steps -= int(self.skipped.item())
             self.skipped = None
         return self.steps
+
+
+def _groups_sig(opt: torch.optim.Optimizer) -> tuple:
+    """Identity of an optimizer's param groups and their sizes (changes on add_param_group
+    and load_state_dict)."""
+    return tuple((id(g), len(g["params"])) for g in opt.param_groups)
 
 
 def _sum(vals: list[Tensor], device: torch.device | None = None) -> Tensor:
@@ -283,7 +291,8 @@ class Regularizer:
                 + ". Pass every optimizer to attach(), or narrow the rule with on="
             )
         for opt in opts:
-            if id(opt) in self._states:
+            old = self._states.get(id(opt))
+            if old is not None and old.opt is opt and old.attached:
                 continue
             multi = isinstance(opt, torch.optim.LBFGS)
             if multi:
@@ -300,8 +309,10 @@ class Regularizer:
             )
             if adaptive:
                 check_supported(opt, adaptive)
-            for gi, g in enumerate(opt.param_groups):
-                st.initial_lr[gi] = g.get("initial_lr", g.get("lr"))
+            if old is not None and old.opt is opt:  # re-attach after detach(): keep counting
+                st.steps, st.skipped, st.initial_lr = old.steps, old.skipped, old.initial_lr
+            self._record_initial_lr(st)
+            st.groups_sig = _groups_sig(opt)
             st.handles.append(opt.register_step_pre_hook(self._make_pre_hook(st)))
             st.handles.append(opt.register_step_post_hook(self._make_post_hook(st)))
             # optimizer.load_state_dict() replaces the param-group dicts: re-bucket against the
@@ -314,12 +325,38 @@ class Regularizer:
         return self
 
     def detach(self) -> None:
-        """Remove every hook this regularizer registered."""
+        """Remove every hook this regularizer registered.
+
+        Step counts are kept: attaching the same optimizer again continues the schedules
+        (``with reg.attached(opt):`` once per epoch counts every step), and
+        :meth:`state_dict` still saves them.
+        """
         for st in self._states.values():
             for h in st.handles:
                 h.remove()
-        self._states.clear()
+            st.handles.clear()
+            st.attached = False
         self._activity_remove()
+
+    @staticmethod
+    def _record_initial_lr(st: _OptState) -> None:
+        """Remember each group's initial lr (for ``lr_coupling="lr_ratio"``) if not known yet.
+
+        A tensor lr is cloned, as torch's LRScheduler does: it is usually changed in place.
+        """
+        for gi, g in enumerate(st.opt.param_groups):
+            if gi not in st.initial_lr:
+                v = g.get("initial_lr", g.get("lr"))
+                st.initial_lr[gi] = v.detach().clone() if isinstance(v, Tensor) else v
+
+    def _refresh(self, st: _OptState) -> None:
+        """Re-bucket if the optimizer's param groups changed since the buckets were built
+        (``add_param_group``, ``load_state_dict``): O(#groups) per step, no per-tensor work."""
+        sig = _groups_sig(st.opt)
+        if sig != st.groups_sig:
+            st.buckets = self._make_buckets(st.opt)
+            st.groups_sig = sig
+            self._record_initial_lr(st)
 
     @contextlib.contextmanager
     def attached(self, *optimizers: Any) -> Iterator[Regularizer]:
@@ -331,11 +368,12 @@ class Regularizer:
             self.detach()
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
-        return [st.opt for st in self._states.values() if st.opt is not None]
+        return [st.opt for st in self._states.values() if st.opt is not None and st.attached]
 
     # ------------------------------------------------------------------ hooks
     def _make_pre_hook(self, st: _OptState):
         def pre_hook(opt, args, kwargs):
+            self._refresh(st)
             args = tuple(args)
             if "closure" in kwargs and kwargs["closure"] is not None:
                 kwargs = dict(kwargs)
@@ -350,7 +388,7 @@ class Regularizer:
 
     def _make_load_hook(self, st: _OptState):
         def load_hook(opt):
-            st.buckets = self._make_buckets(opt)
+            self._refresh(st)
 
         return load_hook
 
@@ -413,7 +451,7 @@ class Regularizer:
         opt = st.opt
         found_inf = getattr(opt, "found_inf", None) if opt is not None else None
         grad_scale = getattr(opt, "grad_scale", None) if opt is not None else None
-        step = st.steps
+        step = self._step_for_schedules(st)
         with torch.no_grad():
             for bk in st.buckets["grad"]:
                 ps, gs = bk.live()
@@ -435,7 +473,7 @@ class Regularizer:
         """Prox rules, then constraints (after the update); then count the step."""
         opt = st.opt
         found_inf = getattr(opt, "found_inf", None) if opt is not None else None
-        step = st.steps
+        step = self._step_for_schedules(st)
         with torch.no_grad():
             for bk in st.buckets["prox"]:
                 ps, _ = bk.live()
@@ -486,6 +524,10 @@ class Regularizer:
             else:
                 ref(p, lam, step_p)
 
+    def _step_for_schedules(self, st: _OptState) -> int:
+        """The applied-step count; exact (skipped fused steps resolved) when a schedule reads it."""
+        return st.step_count() if st.skipped is not None and self._has_schedule() else st.steps
+
     def _has_schedule(self) -> bool:
         return any(callable(b.rule.strength) for b in self._bindings if isinstance(b.rule, Penalty))
 
@@ -527,7 +569,7 @@ class Regularizer:
         self._activity_clear()
 
     def _manual_states(self) -> list[_OptState]:
-        return list(self._states.values()) or [self._manual]
+        return [st for st in self._states.values() if st.attached] or [self._manual]
 
     def _run_mode(self, st: _OptState, mode: str, lr: Any) -> None:
         keep = {m: st.buckets[m] for m in ("grad", "decoupled")}
