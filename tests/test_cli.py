@@ -303,7 +303,7 @@ def test_inspect_bad_target_exits_2_with_one_line(bad_models, target, needles):
 
 def _bad_configs():
     cases = [
-        ("missing.yaml", None, ["no such config file"]),
+        ("missing.yaml", None, ["config file not found"]),
         ("bad.yaml", "rules: [\n  - {type: L2\n", ["invalid YAML"]),
         ("bad.json", "{rules: ", ["invalid JSON"]),
         ("empty.yaml", "", ["empty"]),

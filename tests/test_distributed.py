@@ -138,9 +138,9 @@ def _autograd(fn, w):
 
 def orth_value(x, lam):
     m = x.reshape(x.shape[0], -1)
-    out, inn = m.shape
+    out = m.shape[0]
     d = m @ m.T - torch.eye(out, dtype=x.dtype)
-    return lam * ((d * d).sum() - max(0, out - inn))
+    return lam * (d * d).sum()
 
 
 def reference(label: str, w: torch.Tensor, ref_w: torch.Tensor) -> dict:

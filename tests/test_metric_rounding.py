@@ -121,7 +121,7 @@ def test_stochastic_rounding_only_with_decoupled_or_prox():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_stochastic_round_is_unbiased_and_brackets(dtype):
-    from torch_regularizers._rounding import stochastic_round_
+    from torch_regularizers._precision import stochastic_round_
 
     x = torch.linspace(-3, 3, 4001, dtype=torch.float32) * math.pi
     reps = torch.stack([stochastic_round_(torch.empty(x.shape, dtype=dtype), x).float() for _ in range(200)])

@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["CLIError", "load_config", "load_factory", "main"]
 
@@ -112,30 +111,13 @@ def load_factory(target: str):
 
 
 def load_config(path: str) -> Any:
-    """Read a regularizer config: YAML (``.yaml``/``.yml``, via ``safe_load``) or JSON."""
-    p = Path(path)
-    if not p.is_file():
-        raise CLIError(f"no such config file: {path}")
+    """Read a regularizer config file (``config.load_config``), errors as one-line CLIErrors."""
+    from .config import load_config as _load
+
     try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as e:
+        cfg = _load(path)
+    except (OSError, UnicodeDecodeError, ImportError, ValueError) as e:
         raise CLIError(f"cannot read config {path}: {_exc(e)}") from None
-    if p.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise CLIError(
-                f"reading {path} needs PyYAML: pip install 'torch-regularizers[yaml]' (or use JSON)"
-            ) from None
-        try:
-            cfg = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise CLIError(f"invalid YAML in {path}: {_exc(e)}") from None
-    else:
-        try:
-            cfg = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CLIError(f"invalid JSON in {path}: {e}") from None
     if cfg is None:
         raise CLIError(f"config {path} is empty")
     return cfg
@@ -148,14 +130,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     model = load_factory(args.target)
     if args.config is not None:
         cfg = load_config(args.config)
-        from_config = getattr(tr.Regularizer, "from_config", None)
-        if from_config is None:
-            raise CLIError(
-                "--config needs tr.Regularizer.from_config, which this version of "
-                "torch-regularizers does not have"
-            )
         try:
-            reg = from_config(model, cfg)
+            reg = tr.Regularizer.from_config(model, cfg)
         except Exception as e:  # a config is user input: any failure is reported, not raised
             raise CLIError(f"config {args.config}: {_exc(e)}") from None
     else:
@@ -194,9 +170,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (exit 2), like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CLIError(f"{message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommands ``demo``, ``bench``, ``inspect``)."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=PROG,
         description="Declared, inspectable regularization for torch.optim optimizers.",
     )

@@ -25,13 +25,13 @@ from torch import Tensor
 
 from . import distributed as _dist
 from . import select as _select
+from ._precision import LOW_PRECISION as _LOW
 from ._rule import Rule, check_nonneg
 from .structured import Dim, _bind_dims, check_dim_arg, foreach_group_map, group_dims, group_norm
 
 __all__ = ["Constraint", "MaxNorm", "NonNeg", "UnitNorm"]
 
 _EPS = 1e-7
-_LOW = (torch.float16, torch.bfloat16)
 
 
 def _skip_mask(found_inf: Tensor | None, device: torch.device) -> Tensor | None:

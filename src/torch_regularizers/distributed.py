@@ -45,6 +45,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._precision import LOW_PRECISION as _LOW
+from ._precision import acc as _acc
+
 __all__ = [
     "check_flat_params",
     "fsdp1_managed",
@@ -61,7 +64,6 @@ __all__ = [
     "runs_on_local_shards",
 ]
 
-_LOW = (torch.float16, torch.bfloat16)
 _DTENSOR: Any = None  # the DTensor class, once torch.distributed.tensor is imported
 _FSDP1 = ("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel")
 
@@ -92,9 +94,6 @@ def locals_(ts: Sequence[Tensor]) -> Sequence[Tensor]:
         return [local(t) for t in ts]
     return ts
 
-
-def _acc(t: Tensor) -> Tensor:
-    return t.float() if t.dtype in _LOW else t
 
 
 def _reduced_mesh_dims(p: Any, dims: Sequence[int]) -> tuple[int, ...]:

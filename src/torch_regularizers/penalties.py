@@ -29,6 +29,7 @@ from torch import Tensor
 
 from . import kernels as _kernels
 from . import select as _select
+from ._precision import acc as _acc
 from ._rule import Rule, Strength, check_nonneg
 
 __all__ = ["L1", "L2", "ElasticNet", "Penalty"]
@@ -38,11 +39,6 @@ IMPLS = ("reference", "foreach")
 #: ``"euclidean"``: prox_{η·R}; ``"adaptive"``: the prox in the optimizer's diagonal metric
 #: (ProxGen): per-coordinate step η_i = lr/(√v̂_i + ε), see ``Regularizer``.
 METRICS = ("euclidean", "adaptive")
-
-
-def _acc(p: Tensor) -> Tensor:
-    """``p`` in a dtype fit for accumulation: fp16/bf16 are upcast to fp32."""
-    return p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
 
 
 def _is_tensor(*xs: object) -> bool:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from . import distributed as _dist
 from . import select as _select
 from ._metric import adaptive_step, check_supported
-from ._rounding import LOW_PRECISION, stochastic_round_
+from ._precision import LOW_PRECISION, stochastic_round_
 from ._rule import Rule
 from .activity import ActivityHooks, ActivityPenalty
 from .param_groups import check_double_decay
@@ -494,7 +494,7 @@ class Regularizer:
 
         The fast multi-tensor kernel, unless the rule asks for the optimizer's metric
         (per-coordinate step, see ``_metric``) or stochastic rounding of bf16/fp16
-        parameters (fp32 math, then unbiased rounding, see ``_rounding``).
+        parameters (fp32 math, then unbiased rounding, see ``_precision``).
         """
         rule = bk.binding.rule
         adaptive = op == "prox" and getattr(rule, "metric", "euclidean") == "adaptive"
@@ -869,7 +869,12 @@ def _format_summary(d: dict[str, Any], model_name: str) -> str:
         if not p["trainable"]:
             name += " [frozen]"
         rules = "; ".join(
-            f"{r['rule']}:{r['mode']}" + (f" λ={_fmt_strength(r['strength'])}" if isinstance(r["strength"], float) else "")
+            f"{r['rule']}:{r['mode']}"
+            + (
+                f" {'cap' if r['mode'] == 'constraint' else 'λ'}={_fmt_strength(r['strength'])}"
+                if isinstance(r["strength"], float)
+                else ""
+            )
             for r in p["rules"]
         )
         lr = "-" if p["lr"] is None else _fmt_strength(float(p["lr"]))

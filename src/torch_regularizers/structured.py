@@ -27,14 +27,15 @@ from torch import Tensor, nn
 
 from . import distributed as _dist
 from . import select as _select
+from ._precision import LOW_PRECISION as _LOW
+from ._precision import acc as _acc
 from ._rule import Strength, check_nonneg
-from .penalties import L1, Penalty, _acc, _soft_threshold_
+from .penalties import L1, Penalty, _soft_threshold_
 
 __all__ = ["L2SP", "FnPenalty", "GroupLasso", "Orthogonal", "SparseGroupLasso"]
 
 Scalar = Union[float, Tensor]
 Dim = Union[int, Sequence[int], None]
-_LOW = (torch.float16, torch.bfloat16)
 #: tensors up to this many elements are stacked with their equal-shaped siblings so that
 #: a group norm over many tiny tensors is one kernel instead of one per tensor.
 _STACK_NUMEL = 1 << 16
@@ -553,15 +554,15 @@ class L2SP(Penalty):
 
 # --------------------------------------------------------------------------- orthogonality
 class Orthogonal(Penalty):
-    r"""Soft orthogonality: R(W) = λ·‖G − I‖²_F with G the *smaller* Gram matrix of the
-    matrix view W = θ.reshape(out, −1) (conv weights flattened to (out, in·kh·kw)).
+    r"""Soft orthogonality: R(W) = λ·‖WWᵀ − I‖²_F on the matrix view W = θ.reshape(out, −1)
+    (conv weights flattened to (out, in·kh·kw)).
 
-    G = WWᵀ (out×out) when out ≤ in, else G = WᵀW (in×in), so wide or tall layers stay
-    cheap. Since ‖WWᵀ − I_out‖²_F = ‖WᵀW − I_in‖²_F + (out − in) for every W, both have the
-    same gradient ∇R = 4λ·W(WᵀW − I) = 4λ·(WWᵀ − I)W; the value reported is the smaller
-    Gram's, i.e. λ·(‖WWᵀ − I‖²_F − max(0, out − in)), which is 0 exactly when W has
-    orthonormal rows (out ≤ in) or orthonormal columns (out > in). Modes grad, decoupled,
-    loss (no prox). Needs tensors with at least 2 dims.
+    Computed with the *smaller* Gram matrix, so wide or tall layers stay cheap: for every W,
+    ‖WWᵀ − I_out‖²_F = ‖WᵀW − I_in‖²_F + max(0, out − in) when out > in (WWᵀ has rank ≤ in),
+    so the value is λ·(‖G − I‖²_F + max(0, out − in)) with G = WWᵀ if out ≤ in else WᵀW, and
+    ∇R = 4λ·(WWᵀ − I)W = 4λ·W(WᵀW − I). Its minimum is 0 for orthonormal rows (out ≤ in) and
+    λ·(out − in) for orthonormal columns (out > in). Modes grad, decoupled, loss (no prox).
+    Needs tensors with at least 2 dims.
     """
 
     has_prox = False
@@ -602,8 +603,9 @@ class Orthogonal(Penalty):
     def _value(self, p, lam):
         if _dist.is_dtensor(p):  # FSDP2: on the full matrix (all-gather, differentiable)
             return self._value(_dist.full(p), lam)
-        d, _ = self._gram_minus_eye(self._matrix(p))
-        return lam * (d * d).sum()
+        w = self._matrix(p)
+        d, _ = self._gram_minus_eye(w)
+        return lam * ((d * d).sum() + max(0, w.shape[0] - w.shape[1]))
 
     def _grad(self, p, lam):
         if _dist.is_dtensor(p):  # FSDP2: gradient of the full matrix, sharded like p
@@ -626,6 +628,12 @@ class FnPenalty(Penalty):
     non-tensor result raises ``TypeError``, a non-scalar or non-differentiable one (e.g. it
     calls ``.item()`` or ``.detach()``) raises ``ValueError`` naming the rule and parameter.
     """
+
+    @property
+    def default_name(self) -> str:
+        """``fn``'s own name (``"custom"`` for a lambda)."""
+        n = getattr(self.fn, "__name__", "")
+        return n.lower() if n.isidentifier() else "custom"
 
     has_prox = False
     _modes = ("grad", "decoupled", "loss")
