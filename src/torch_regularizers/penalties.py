@@ -41,10 +41,6 @@ IMPLS = ("reference", "foreach")
 METRICS = ("euclidean", "adaptive")
 
 
-def _is_tensor(*xs: object) -> bool:
-    return any(isinstance(x, Tensor) for x in xs)
-
-
 def _soft_threshold_(p: Tensor, t: Scalar) -> Tensor:
     """In place: θ ← sign(θ)·max(|θ| − t, 0), computed as θ − clamp(θ, −t, t).
 
@@ -177,6 +173,21 @@ class Penalty(Rule):
             self._ref_prox_(p, lam, eta)
 
     # ------------------------------------------------------------ public hot path
+    def _run(self, ref, fast, tensors: tuple, strength: float | None, coef: Scalar, impl: str) -> None:
+        """Dispatch an in-place op: the per-tensor reference loop for ``impl="reference"`` or a
+        tensor ``coef`` (tensor lr, GradScaler scale or found_inf mask), else the fast path."""
+        if impl not in IMPLS:
+            raise ValueError(f"{type(self).__name__}: impl={impl!r} is not one of {IMPLS}")
+        lam = self._resolve_strength(strength)
+        if lam == 0 or not tensors[0]:
+            return
+        with torch.no_grad():
+            if impl == "reference" or isinstance(coef, Tensor):
+                for ts in zip(*tensors):
+                    ref(*ts, lam, coef)
+            else:
+                fast(*(list(t) for t in tensors), lam, float(coef))
+
     def grad_(
         self,
         params: Sequence[Tensor],
@@ -187,15 +198,7 @@ class Penalty(Rule):
         impl: str = "foreach",
     ) -> None:
         """In place over tensors of one device/dtype: g ← g + scale·∇R(θ)."""
-        lam = self._resolve_strength(strength)
-        if lam == 0 or not params:
-            return
-        with torch.no_grad():
-            if impl == "reference" or _is_tensor(scale):
-                for p, g in zip(params, grads):
-                    self._ref_grad_(p, g, lam, scale)
-            else:
-                self._foreach_grad_(list(params), list(grads), lam, float(scale))
+        self._run(self._ref_grad_, self._foreach_grad_, (params, grads), strength, scale, impl)
 
     def decay_(
         self,
@@ -206,15 +209,7 @@ class Penalty(Rule):
         impl: str = "foreach",
     ) -> None:
         """In place: θ ← θ − η·∇R(θ) (decoupled / AdamW-style step)."""
-        lam = self._resolve_strength(strength)
-        if lam == 0 or not params:
-            return
-        with torch.no_grad():
-            if impl == "reference" or _is_tensor(eta):
-                for p in params:
-                    self._ref_decay_(p, lam, eta)
-            else:
-                self._foreach_decay_(list(params), lam, float(eta))
+        self._run(self._ref_decay_, self._foreach_decay_, (params,), strength, eta, impl)
 
     def prox_(
         self,
@@ -225,15 +220,7 @@ class Penalty(Rule):
         impl: str = "foreach",
     ) -> None:
         """In place: θ ← prox_{η·R}(θ)."""
-        lam = self._resolve_strength(strength)
-        if lam == 0 or not params:
-            return
-        with torch.no_grad():
-            if impl == "reference" or _is_tensor(eta):
-                for p in params:
-                    self._ref_prox_(p, lam, eta)
-            else:
-                self._foreach_prox_(list(params), lam, float(eta))
+        self._run(self._ref_prox_, self._foreach_prox_, (params,), strength, eta, impl)
 
     # ------------------------------------------------------------ custom penalties
     @staticmethod
