@@ -35,7 +35,7 @@ from ._metric import adaptive_step, check_supported
 from ._precision import LOW_PRECISION, stochastic_round_
 from ._rule import Rule
 from .activity import ActivityHooks, ActivityPenalty
-from .param_groups import check_double_decay
+from .weight_decay import check_double_decay
 from .penalties import Penalty
 
 __all__ = ["Regularizer"]
