@@ -57,6 +57,7 @@ def sizes(request, monkeypatch):
     if request.param == "shrunk":
         monkeypatch.setattr(kernels, "SMALL", 16)
         monkeypatch.setattr(kernels, "CHUNK", 64)
+        monkeypatch.setattr(kernels, "BATCH", 48)
     return request.param
 
 
@@ -205,8 +206,8 @@ def test_kernel_matches_reference(key, dtype, backend, sizes):
 
 @pytest.mark.parametrize("key", ["l1_grad", "en_grad", "en_decay", "soft_div", "l1_decay"])
 def test_many_tiny_tensors_several_batches(key, backend, monkeypatch):
-    """2000 tiny tensors split into several gathered batches (CHUNK shrunk), 1-D and 2-D."""
-    monkeypatch.setattr(kernels, "CHUNK", 4096)
+    """300 tiny tensors split into several gathered batches (BATCH shrunk), 1-D and 2-D."""
+    monkeypatch.setattr(kernels, "BATCH", 4096)
     op, c = op_name(key), OPS[key]
     for shape in [(50,), (5, 10)]:
         ps, gs = make([(shape, torch.float32)] * 300, seed=3)
@@ -269,16 +270,16 @@ def test_property_kernels_match_reference(shapes, dtype, key, coef, seed, shrunk
         c[0] = 1 + abs(coef)
     else:
         c[-1] = coef
-    old = (kernels.SMALL, kernels.CHUNK)
+    old = (kernels.SMALL, kernels.CHUNK, kernels.BATCH)
     kernels.set_backend(be)
     try:
         if shrunk:
-            kernels.SMALL, kernels.CHUNK = 8, 32
+            kernels.SMALL, kernels.CHUNK, kernels.BATCH = 8, 32, 24
         ps, gs = make([(s, dtype) for s in shapes], seed=seed)
         want = ref(op, ps, gs if op in GRAD_OPS else None, tuple(c))
         got = run(op, ps, gs if op in GRAD_OPS else None, tuple(c))
     finally:
-        kernels.SMALL, kernels.CHUNK = old
+        kernels.SMALL, kernels.CHUNK, kernels.BATCH = old
         kernels.set_backend("auto")
     i = 1 if op in GRAD_OPS else 0
     assert_same(got[i], want[i], soft_aten=op == "soft" and be == "aten")
@@ -352,7 +353,8 @@ def test_plan_cache_survives_resized_data(backend):
 
 
 def test_scratch_is_reused_not_model_sized(backend):
-    """Repeated calls allocate nothing new: the per-thread scratch stays at most CHUNK."""
+    """Repeated calls allocate nothing new: the per-thread scratch stays at most CHUNK
+    (or BATCH) elements, however big the tensors."""
     ps, gs = make([((kernels.CHUNK * 2 + 5,), torch.float32)] + [((64,), torch.float32)] * 50, specials=False)
     kernels.elastic_grad_(ps, gs, 0.1, 0.2)
     bufs = kernels._state_bufs().bufs
@@ -364,7 +366,7 @@ def test_scratch_is_reused_not_model_sized(backend):
     after = {k: [b.data_ptr() for b in v[1]] for k, v in bufs.items()}
     assert before == {k: after[k] for k in before}
     for _, (_, bs) in bufs.items():
-        assert all(b.numel() <= kernels.CHUNK for b in bs)
+        assert all(b.numel() <= max(kernels.CHUNK, kernels.BATCH) for b in bs)
 
 
 def test_threads_use_separate_scratch(backend):

@@ -10,7 +10,9 @@ Micro benchmarks: every penalty × mode on three parameter sets
 each timed against the *floor* — one multi-tensor pass reading θ and g and writing g,
 ``torch._foreach_add_(grads, params, alpha=0)`` — measured in the same rounds,
 interleaved (every round times each method once, in rotating order), and reported as
-the median over rounds of the per-round ratio method / floor. Beside the library
+the median over rounds of the per-round ratio method / floor; every timed call is
+preceded by an untimed floor pass over the same tensors, so each starts from the same
+cache state. Beside the library
 (per kernel backend, and through the full ``Regularizer`` path) it times, in the same
 rounds: the naive ``torch._foreach_*`` sequence, a per-parameter hook loop, the
 hand-written loss term + ``backward()`` (grad mode) and torch's own ``weight_decay`` ops
@@ -101,10 +103,13 @@ def interleaved(
     warmup: int = 1,
     device: str = "cpu",
     setup: dict[str, Callable[[], Any]] | None = None,
+    prelude: Callable[[], Any] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, ``reps`` rounds; each round calls every function
     once, starting one position later than the previous round (rotation), after the
-    function's ``setup`` (not timed)."""
+    function's ``setup`` and the common ``prelude`` (neither timed). The prelude puts every
+    timed call in the same state: without it, a method that allocates and frees a lot
+    (the loss-term backward) slows down whichever method follows it."""
     names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in names}
     setup = setup or {}
@@ -113,6 +118,8 @@ def interleaved(
         for name in names[k0:] + names[:k0]:
             if name in setup:
                 setup[name]()
+            if prelude is not None:
+                prelude()
             _sync(device)
             t0 = time.perf_counter()
             fns[name]()
@@ -326,9 +333,14 @@ def micro(
     device: str = "cpu",
     backends: Sequence[str] | None = None,
     alternatives: bool = True,
+    backend: str = "auto",
     log: Callable[[str], Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Time every penalty × mode on each set against the floor; one dict per case."""
+    """Time every penalty × mode on each set against the floor; one dict per case.
+
+    ``backends``: the kernel backends timed as ``library[<backend>]`` (default: aten, and
+    native when built); ``backend``: the one the ``Regularizer`` column uses.
+    """
     import torch_regularizers as tr
 
     if backends is None:
@@ -375,14 +387,14 @@ def micro(
                     fns["Regularizer"] = lambda reg=reg: reg.apply_decoupled(lr=ETA)
                 else:
                     fns["Regularizer"] = reg.apply_grad
-                setup["Regularizer"] = lambda: kernels.set_backend("auto")
+                setup["Regularizer"] = lambda: kernels.set_backend(backend)
                 if alternatives:
                     fns.update(_alternatives(kind, mode, ps, gs))
                     if mode == "grad" and kind in ("l2", "l1", "elasticnet"):
                         fns["loss+backward"] = _loss_backward(kind, base)
                 old = kernels.get_backend()
                 try:
-                    times = interleaved(fns, reps, warmup=1, device=device, setup=setup)
+                    times = interleaved(fns, reps, warmup=1, device=device, setup=setup, prelude=fns["floor"])
                 finally:
                     kernels.set_backend(old)
                 summ = summarize(times, "floor")
@@ -559,7 +571,7 @@ def format_markdown(result: dict[str, Any], stat: str = "ratio") -> str:
     m = result["machine"]
     out = [
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads "
-        f"(device {m['device']}); kernels backend `{m['kernels_backend']}`, native kernels "
+        f"(device {m['device']}); kernels backend `{result['settings'].get('backend', 'auto')}`, native kernels "
         f"{'built' if m['native_kernels'] else 'not built'}.",
         "",
         f"Command: `{result['command']}`",
@@ -621,13 +633,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", type=_csv(MODES), default=list(MODES), help=f"comma list of {','.join(MODES)}")
     p.add_argument("--models", type=_csv(MODELS), default=list(MODELS), help=f"end-to-end models: {','.join(MODELS)}")
     p.add_argument("--reps", type=int, default=None, help="micro rounds (default 30, quick 5)")
-    p.add_argument("--rounds", type=int, default=None, help="end-to-end rounds (default 15, quick 3)")
+    p.add_argument("--rounds", type=int, default=None, help="end-to-end rounds (default 20, quick 3)")
     p.add_argument("--no-micro", action="store_true", help="skip the micro benchmarks")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end benchmarks")
     p.add_argument("--no-alternatives", action="store_true", help="time only the floor and the library")
     p.add_argument("--native", action="store_true", help="build the fused C++ kernels first (~30 s once) and time them too")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--device", default="cpu", help="micro benchmark device (cpu, cuda)")
+    p.add_argument(
+        "--backend",
+        choices=kernels.BACKENDS,
+        default="auto",
+        help="kernels for the Regularizer column and the end-to-end runs (default auto)",
+    )
     p.add_argument(
         "--stat",
         choices=("median", "min"),
@@ -654,7 +672,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         print("bench: CUDA is not available", file=sys.stderr)
         return 2
     reps = args.reps or (3 if args.quick else 30)
-    rounds = args.rounds or (3 if args.quick else 15)
+    rounds = args.rounds or (3 if args.quick else 20)
     log = None if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
     if args.native:
         if log:
@@ -667,7 +685,14 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     result: dict[str, Any] = {
         "machine": machine_info(args.device),
         "command": "python -m torch_regularizers bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "settings": {"quick": args.quick, "reps": reps, "rounds": rounds, "strength": LAM, "lr": ETA},
+        "settings": {
+            "quick": args.quick,
+            "reps": reps,
+            "rounds": rounds,
+            "strength": LAM,
+            "lr": ETA,
+            "backend": args.backend,
+        },
         "micro": [],
         "e2e": [],
     }
@@ -683,12 +708,14 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
             quick=args.quick,
             device=args.device,
             alternatives=not args.no_alternatives,
+            backend=args.backend,
             log=log,
         )
     if not args.no_e2e:
         if log:
             log("end-to-end training steps:")
-        result["e2e"] = end_to_end(args.models, rounds=rounds, quick=args.quick, log=log)
+        with _backend(args.backend):
+            result["e2e"] = end_to_end(args.models, rounds=rounds, quick=args.quick, log=log)
     result["seconds"] = time.perf_counter() - t0
     result["machine"]["load_avg_end"] = machine_info()["load_avg"] if hasattr(os, "getloadavg") else None
     if args.json:

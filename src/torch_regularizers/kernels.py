@@ -14,12 +14,16 @@ over tensors, so with thousands of tiny tensors each op costs about one floor.
 Backends (``set_backend`` or the environment variable ``TORCH_REGULARIZERS_KERNELS``):
 
 ``"aten"``
-    stock ATen ops only. On CPU: sign-based updates go through a reused, chunked scratch
-    buffer (``torch.sign(θ_chunk, out=scratch)`` then ``add_``), small tensors through
-    ``torch._foreach_*`` (their temporaries are small), soft-thresholding is one in-place
-    ``softshrink`` per tensor, and L2's ``mul_``/``div_`` take a 0-d tensor of the
-    parameters' dtype (a Python scalar costs a wrapped-scalar allocation per tensor).
-    Other devices: the plain ``torch._foreach_*`` sequences (multi-tensor CUDA kernels).
+    stock ATen ops only. On CPU, big tensors (``SMALL`` elements or more) go through a
+    reused scratch buffer of at most ``CHUNK`` elements (``torch.sign(θ_chunk,
+    out=scratch)`` then ``add_``); small tensors are gathered (``torch.cat``) into flat
+    scratch in batches of at most ``BATCH`` elements, updated there with a few ops,
+    and scattered back with one ``_foreach_add_``/``_foreach_copy_``
+    through cached views, so the per-tensor cost is about that of the floor itself;
+    soft-thresholding is one in-place ``softshrink``; L2's ``mul_``/``div_`` take a 0-d
+    tensor of the parameters' dtype (a Python scalar costs a wrapped-scalar allocation
+    per tensor). Other devices: the plain ``torch._foreach_*`` sequences (multi-tensor
+    CUDA kernels, whose temporaries come from the caching allocator).
 ``"native"``
     fused C++ kernels (:mod:`torch_regularizers._native`): one pass over θ (and g) per
     penalty and one parallel region per call, whatever the number of tensors; built on
@@ -29,8 +33,10 @@ Backends (``set_backend`` or the environment variable ``TORCH_REGULARIZERS_KERNE
     ``"native"`` if it is already built (in this process or in the on-disk cache, so
     nothing is ever compiled implicitly), else ``"aten"``. ``build_native()`` builds it.
 
-Results are identical bit for bit across backends and to the reference loop for
-float32/float64, except that soft-thresholding with the ``"aten"`` backend on CPU
+Enable the native kernels once per machine with ``torch_regularizers.kernels.build_native()``
+(or ``python -m torch_regularizers bench --native``); ``"auto"`` then uses them in every
+later process. Results are identical bit for bit across backends and to the reference
+loop for float32/float64, except that soft-thresholding with the ``"aten"`` backend on CPU
 (``softshrink``) leaves ``-0.0`` where the reference ``θ − clamp(θ, −t, t)`` leaves
 ``+0.0`` (equal under ``==`` and ``torch.equal``; both are exact zeros).
 """
@@ -70,14 +76,16 @@ __all__ = [
 
 BACKENDS = ("auto", "aten", "native")
 
-#: elements per scratch chunk (4 MiB of float32): big tensors are processed in chunks of
-#: this size so the scratch buffer stays small and cache-resident.
-CHUNK = 1 << 20
-#: tensors with fewer elements take the ``torch._foreach_*`` path on CPU (a temporary of
-#: this size is cheap, and one multi-tensor op beats a Python loop over tiny tensors).
+#: elements per slice of a big tensor in the sign-based updates (16 MiB of float32): the
+#: scratch buffer stays at most this big, and each slice costs one OpenMP parallel region
+#: per op (on a busy machine every region can wait for a descheduled thread, so slices
+#: are not made smaller than they need to be).
+CHUNK = 1 << 22
+#: elements per gathered batch of small tensors (4 MiB of float32 per flat buffer).
+BATCH = 1 << 20
+#: tensors with fewer elements are gathered into flat scratch on CPU (the "aten" path),
+#: where a handful of ops handle a whole batch instead of one dispatch per tensor per op.
 SMALL = 1 << 14
-#: ATen's grain size: elementwise ops on at most this many elements run on one thread.
-SERIAL = 32768
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 
@@ -151,7 +159,7 @@ def _native_for(params: Sequence[Tensor]) -> Any:
 
 class _Buffers:
     """Per-thread scratch: for each (dtype, device), ``nbuf`` flat buffers that only grow
-    (up to ``CHUNK`` elements each, the biggest batch or chunk ever processed), and a
+    (up to ``CHUNK`` or ``BATCH`` elements, the biggest chunk or batch processed), and a
     generation number bumped on growth so that cached views of old buffers are never used."""
 
     def __init__(self) -> None:
@@ -235,7 +243,7 @@ def _plan(ps: list[Tensor], numels: list[int], nbuf: int) -> _Plan:
 
 class _Split:
     """A CPU tensor list sorted for the ATen path: ``batches`` of small tensors (each at
-    most ``CHUNK`` elements in all, gathered into flat scratch buffers), ``chunked`` big
+    most ``BATCH`` elements in all, gathered into flat scratch buffers), ``chunked`` big
     contiguous tensors (processed in ``CHUNK`` slices), ``loose`` big non-contiguous ones
     (plain per-tensor ops). Empty tensors are dropped."""
 
@@ -251,7 +259,7 @@ class _Split:
             lo = 0
             while lo < len(numels):
                 base = ends[lo - 1] if lo else 0
-                hi = max(bisect_right(ends, base + CHUNK, lo), lo + 1)
+                hi = max(bisect_right(ends, base + BATCH, lo), lo + 1)
                 self.batches.append((slice(lo, hi), numels[lo:hi]))
                 lo = hi
             return
@@ -262,7 +270,7 @@ class _Split:
             if n == 0:
                 continue
             if n < SMALL:
-                if total + n > CHUNK:
+                if idx and total + n > BATCH:
                     self.batches.append((idx, sizes))
                     idx, sizes, total = [], [], 0
                 idx.append(i)
@@ -513,6 +521,10 @@ def _apply(
     split = _Split(ps) if gs is None else _Split(ps, gs)
     for idx, numels in split.batches:
         _batch(op, _pick(ps, idx), None if gs is None else _pick(gs, idx), numels, c)
+    if op == "soft":  # in place, no scratch: one op (two with the division) per tensor
+        for i in split.chunked + split.loose:
+            _loose(op, ps[i], None, c)
+        return
     for i in split.chunked:
         p = ps[i].view(-1)
         g = None if gs is None else gs[i].view(-1)
@@ -523,35 +535,22 @@ def _apply(
         _loose(op, ps[i], None if gs is None else gs[i], c)
 
 
-def _serial(op: str, p: Tensor, g: Tensor | None, s: Tensor | None, c: tuple) -> None:
-    """``_flat`` over slices of at most ``SERIAL`` elements. ATen runs an elementwise op
-    on more elements than its grain size as an OpenMP parallel region, and on a busy
-    machine each region can wait a scheduler time slice for a descheduled thread; the
-    gathered small tensors are cheap enough serially (the floor over them is serial too)."""
-    n = p.numel()
-    for lo in range(0, n, SERIAL):
-        hi = min(n, lo + SERIAL)
-        _flat(op, p[lo:hi], None if g is None else g[lo:hi], None if s is None else s[lo:hi], c)
-
-
 def _batch(op: str, ps: list[Tensor], gs: list[Tensor] | None, numels: list[int], c: tuple) -> None:
     """Small CPU tensors of one dtype: gather θ (and g) into flat scratch, do the math on
     the flat buffers (a handful of ops whatever the number of tensors), scatter back."""
     if op == "l1_grad":  # θ → flat, sign in place, one multi-tensor add into the grads
         plan = _plan(ps, numels, 1)
-        p = plan.load(0, ps)
-        for lo in range(0, p.numel(), SERIAL):
-            p[lo : lo + SERIAL].sign_()
+        plan.load(0, ps).sign_()
         torch._foreach_add_(gs, plan.views[0], alpha=c[0])
     elif op == "en_grad":  # θ and g → flat, both adds on the flat g, copy g back
         plan = _plan(ps, numels, 3)
         p, g, s = plan.load(0, ps), plan.load(1, gs), plan.flat[2]
-        _serial(op, p, g, s, c)
+        _flat(op, p, g, s, c)
         torch._foreach_copy_(gs, plan.views[1])
     else:  # decoupled / prox: θ → flat, update the flat θ, copy θ back
         plan = _plan(ps, numels, 1 if op == "soft" else 2)
         p = plan.load(0, ps)
-        _serial(op, p, None, None if op == "soft" else plan.flat[1], c)
+        _flat(op, p, None, None if op == "soft" else plan.flat[1], c)
         torch._foreach_copy_(ps, plan.views[0])
 
 
