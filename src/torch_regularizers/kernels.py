@@ -57,6 +57,7 @@ import torch
 from torch import Tensor
 
 from . import _native
+from ._precision import LOW_PRECISION
 
 __all__ = [
     "BACKENDS",
@@ -308,8 +309,18 @@ def _chunks(n: int):
 
 
 def _scalar_like(x: float, p: Tensor) -> Any:
-    """``x`` as a 0-d CPU tensor of ``p``'s dtype, the fastest scalar operand for a CPU
-    ``_foreach_mul_`` (a Python scalar allocates a wrapped tensor per tensor of the list)."""
+    """``x`` as a 0-d tensor operand for ``_foreach_mul_``/``_foreach_div_`` on ``p``'s list.
+
+    float32/float64 on CPU: a 0-d CPU tensor of ``p``'s dtype, the fastest operand (a Python
+    scalar allocates a wrapped tensor per tensor of the list) and bit-identical to it.
+    bf16/fp16 (any device): a 0-d **fp32** tensor, so the factor keeps fp32 precision —
+    ``torch._foreach_mul_(bf16_list, 0.997)`` rounds the scalar itself to bf16 (0.99609375,
+    a 30 % error in the decay lr·λ = 3e-3), while ``p.mul_(0.997)`` does not; the fp32
+    operand gives the single-tensor (fp32-math) result on every path.
+    Other devices: the Python scalar.
+    """
+    if p.dtype in LOW_PRECISION:
+        return torch.tensor(x, dtype=torch.float32, device=p.device)
     return torch.tensor(x, dtype=p.dtype) if p.device.type == "cpu" else x
 
 
@@ -328,8 +339,8 @@ def l2_grad_(params: Sequence[Tensor], grads: Sequence[Tensor], coef: float) -> 
 def l2_decay_(params: Sequence[Tensor], factor: float) -> None:
     r"""θ ← f·θ  (L2 decoupled: f = 1 − η·λ, AdamW's ``param.mul_(1 - lr * wd)``).
 
-    ``factor`` is rounded to the parameters' dtype exactly as a Python scalar would be, so
-    the result is bit-identical to ``torch._foreach_mul_(params, factor)``.
+    float32/float64: bit-identical to ``torch._foreach_mul_(params, factor)`` (AdamW foreach)
+    and to ``p.mul_(factor)``; bf16/fp16: fp32 math, rounded once (see ``_scalar_like``).
     """
     params = list(params)
     if not params:
@@ -352,7 +363,7 @@ def l2_prox_(params: Sequence[Tensor], divisor: float) -> None:
     if not params:
         return
     dts = {p.dtype for p in params}
-    if len(dts) == 1 and dts <= set(_NATIVE_DTYPES):
+    if len(dts) == 1 and (dts <= set(_NATIVE_DTYPES) or dts <= set(LOW_PRECISION)):
         torch._foreach_div_(params, _scalar_like(divisor, params[0]))
     else:
         torch._foreach_div_(params, divisor)

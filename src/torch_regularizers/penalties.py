@@ -29,6 +29,7 @@ from torch import Tensor
 
 from . import kernels as _kernels
 from . import select as _select
+from ._precision import LOW_PRECISION as _LOW
 from ._precision import acc as _acc
 from ._rule import Rule, Strength, check_nonneg
 
@@ -46,6 +47,9 @@ def _soft_threshold_(p: Tensor, t: Scalar) -> Tensor:
 
     The clamp form is exact: coordinates with |θ| ≤ t become exactly +0.
     """
+    if p.dtype in _LOW:  # fp32 math (a bf16 clamp bound would round t), rounded once
+        w = p.float()
+        return p.copy_(w.sub_(torch.clamp(w, min=-t, max=t)))
     return p.sub_(torch.clamp(p, min=-t, max=t))
 
 
