@@ -12,7 +12,7 @@ from typing import Callable, Union
 
 from . import select as _select
 
-__all__ = ["LR_COUPLINGS", "MODES", "Rule", "Strength", "check_nonneg"]
+__all__ = ["LR_COUPLINGS", "MODES", "Rule", "Strength", "check_nonneg", "check_ratio"]
 
 #: Modes a penalty can run in (see DESIGN §3).
 MODES = ("grad", "decoupled", "prox", "loss")
@@ -29,6 +29,14 @@ def check_nonneg(value: object, arg: str, owner: str) -> float:
     v = float(value)
     if math.isnan(v) or v < 0 or math.isinf(v):
         raise ValueError(f"{owner}: {arg} must be a finite number >= 0, got {value!r}")
+    return v
+
+
+def check_ratio(value: object, arg: str, owner: str) -> float:
+    """Return ``value`` as a float in [0, 1], or raise ``ValueError`` naming ``arg``."""
+    v = check_nonneg(value, arg, owner)
+    if v > 1:
+        raise ValueError(f"{owner}: {arg} must be in [0, 1], got {value!r}")
     return v
 
 

@@ -212,15 +212,6 @@ class NonNeg(Constraint):
     ``stats()`` reports ``min`` (the smallest value, ≥ 0 after a step).
     """
 
-    def __init__(
-        self,
-        *,
-        on: _select.Selector | None = None,
-        mode: str | None = None,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(on=on, mode=mode, name=name)
-
     def _project_(self, p, skip):
         if skip is None:
             p.clamp_min_(0)

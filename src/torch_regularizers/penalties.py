@@ -31,7 +31,7 @@ from . import kernels as _kernels
 from . import select as _select
 from ._precision import LOW_PRECISION as _LOW
 from ._precision import acc as _acc
-from ._rule import Rule, Strength, check_nonneg
+from ._rule import Rule, Strength, check_ratio
 
 __all__ = ["L1", "L2", "ElasticNet", "Penalty"]
 
@@ -354,10 +354,7 @@ class ElasticNet(Penalty):
         metric: str = "euclidean",
         stochastic_rounding: bool = False,
     ) -> None:
-        rho = check_nonneg(l1_ratio, "l1_ratio", "ElasticNet")
-        if rho > 1:
-            raise ValueError(f"ElasticNet: l1_ratio must be in [0, 1], got {l1_ratio!r}")
-        self.l1_ratio = rho
+        self.l1_ratio = check_ratio(l1_ratio, "l1_ratio", "ElasticNet")
         super().__init__(
             alpha,
             on=on,

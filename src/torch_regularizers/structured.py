@@ -29,7 +29,7 @@ from . import distributed as _dist
 from . import select as _select
 from ._precision import LOW_PRECISION as _LOW
 from ._precision import acc as _acc
-from ._rule import Strength, check_nonneg
+from ._rule import Strength, check_ratio
 from .penalties import L1, Penalty, _soft_threshold_
 
 __all__ = ["L2SP", "FnPenalty", "GroupLasso", "Orthogonal", "SparseGroupLasso"]
@@ -149,13 +149,6 @@ def _shrink_factor(thr: Scalar, n: Tensor) -> Tensor:
     masked step changes no bit), exactly 0 for n ≤ thr, never NaN at n = 0."""
     tiny = torch.finfo(n.dtype).tiny
     return (1 - thr / n.clamp_min(tiny)).clamp_min_(0)
-
-
-def _check_ratio(l1_ratio: object, owner: str) -> float:
-    rho = check_nonneg(l1_ratio, "l1_ratio", owner)
-    if rho > 1:
-        raise ValueError(f"{owner}: l1_ratio must be in [0, 1], got {l1_ratio!r}")
-    return rho
 
 
 def _bind_dims(owner: str, dim: Dim, names: list[str], params: list) -> None:
@@ -329,7 +322,7 @@ class SparseGroupLasso(GroupLasso):
         lr_coupling: str = "lr",
         **kwargs,
     ) -> None:
-        self.l1_ratio = _check_ratio(l1_ratio, type(self).__name__)
+        self.l1_ratio = check_ratio(l1_ratio, "l1_ratio", type(self).__name__)
         super().__init__(
             strength, dim, on=on, mode=mode, name=name, lr_coupling=lr_coupling, **kwargs
         )
@@ -567,18 +560,6 @@ class Orthogonal(Penalty):
 
     has_prox = False
     _modes = ("grad", "decoupled", "loss")
-
-    def __init__(
-        self,
-        strength: Strength,
-        *,
-        on: _select.Selector | None = None,
-        mode: str = "grad",
-        name: str | None = None,
-        lr_coupling: str = "lr",
-        **kwargs,
-    ) -> None:
-        super().__init__(strength, on=on, mode=mode, name=name, lr_coupling=lr_coupling, **kwargs)
 
     def _bind(self, names, params):
         bad = [f"{n} (shape {tuple(p.shape)})" for n, p in zip(names, params) if p.dim() < 2]
