@@ -13,10 +13,10 @@ from . import schedules, select
 from ._rule import Rule
 from .activity import ActivityL1, ActivityL2
 from .constraints import Constraint, MaxNorm, NonNeg, UnitNorm
-from .weight_decay import DoubleDecayWarning, param_groups
 from .penalties import L1, L2, ElasticNet, Penalty
 from .regularizer import Regularizer
 from .structured import L2SP, FnPenalty, GroupLasso, Orthogonal, SparseGroupLasso
+from .weight_decay import DoubleDecayWarning, param_groups
 
 __version__ = "0.1.0"
 

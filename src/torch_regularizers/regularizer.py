@@ -35,8 +35,8 @@ from ._metric import adaptive_step, check_supported
 from ._precision import LOW_PRECISION, stochastic_round_
 from ._rule import Rule
 from .activity import ActivityHooks, ActivityPenalty
-from .weight_decay import check_double_decay
 from .penalties import Penalty
+from .weight_decay import check_double_decay
 
 __all__ = ["Regularizer"]
 
