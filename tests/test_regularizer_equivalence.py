@@ -21,22 +21,6 @@ import torch_regularizers as tr
 LAM = 0.1
 
 
-def _impl_params():
-    """The default implementation, plus ``impl="reference"`` (the per-tensor loop)
-    where the Regularizer offers that choice: both must meet every reference."""
-    import inspect
-
-    out = [pytest.param({}, id="impl-default")]
-    if "impl" in inspect.signature(tr.Regularizer).parameters:
-        out.append(pytest.param({"impl": "reference"}, id="impl-reference"))
-    return out
-
-
-@pytest.fixture(params=_impl_params())
-def impl_kw(request):
-    return request.param
-
-
 # --------------------------------------------------------------------------- helpers
 
 

@@ -24,13 +24,7 @@ import torch_regularizers as tr
 HYP = settings(deadline=None, max_examples=25)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 IMPLS = ("reference", "foreach")

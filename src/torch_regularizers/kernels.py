@@ -463,13 +463,17 @@ def _foreach(op: str, ps: list[Tensor], gs: list[Tensor] | None, c: tuple) -> No
 
 
 def _flat(op: str, p: Tensor, g: Tensor | None, s: Tensor | None, c: tuple) -> None:
-    """The same math on one contiguous 1-D slice (``s``: scratch of the same length)."""
+    """The same math on one tensor: a contiguous 1-D slice with ``s`` a scratch of the same
+    length, or (``s=None``) any tensor, with a ``sign`` temporary."""
     if op == "soft":
         torch._C._nn.softshrink(p, c[0], out=p)
         if c[1] != 1.0:
             p.div_(c[1])
         return
-    torch.sign(p, out=s)
+    if s is None:
+        s = torch.sign(p)
+    else:
+        torch.sign(p, out=s)
     if op == "l1_grad":
         g.add_(s, alpha=c[0])
     elif op == "en_grad":
@@ -478,26 +482,6 @@ def _flat(op: str, p: Tensor, g: Tensor | None, s: Tensor | None, c: tuple) -> N
     elif op == "l1_decay":
         p.add_(s, alpha=c[0])
     else:  # en_decay
-        p.mul_(c[0])
-        p.add_(s, alpha=c[1])
-
-
-def _loose(op: str, p: Tensor, g: Tensor | None, c: tuple) -> None:
-    """One big non-contiguous tensor: plain ops with temporaries."""
-    if op == "soft":
-        torch._C._nn.softshrink(p, c[0], out=p)
-        if c[1] != 1.0:
-            p.div_(c[1])
-        return
-    s = torch.sign(p)
-    if op == "l1_grad":
-        g.add_(s, alpha=c[0])
-    elif op == "en_grad":
-        g.add_(s, alpha=c[0])
-        g.add_(p, alpha=c[1])
-    elif op == "l1_decay":
-        p.add_(s, alpha=c[0])
-    else:
         p.mul_(c[0])
         p.add_(s, alpha=c[1])
 
@@ -534,7 +518,7 @@ def _apply(
         _batch(op, _pick(ps, idx), None if gs is None else _pick(gs, idx), numels, c)
     if op == "soft":  # in place, no scratch: one op (two with the division) per tensor
         for i in split.chunked + split.loose:
-            _loose(op, ps[i], None, c)
+            _flat(op, ps[i], None, None, c)
         return
     for i in split.chunked:
         p = ps[i].view(-1)
@@ -543,7 +527,7 @@ def _apply(
         for lo, hi in _chunks(p.numel()):
             _flat(op, p[lo:hi], None if g is None else g[lo:hi], buf[: hi - lo], c)
     for i in split.loose:
-        _loose(op, ps[i], None if gs is None else gs[i], c)
+        _flat(op, ps[i], None if gs is None else gs[i], None, c)
 
 
 def _batch(op: str, ps: list[Tensor], gs: list[Tensor] | None, numels: list[int], c: tuple) -> None:
