@@ -122,9 +122,11 @@ class Rule:
         return self.strength_at(0) if strength is None else float(strength)
 
     # ------------------------------------------------------------------ hooks for the Regularizer
-    def _bind(self, names: list[str], params: list) -> None:
-        """Called once by the Regularizer with the selected parameters; may raise ``ValueError``
-        naming the parameters it cannot handle (wrong ndim, reference shape, ...)."""
+    def _bind(self, names: list[str], params: list, modules: list | None = None) -> None:
+        """Called once by the Regularizer with the selected parameters and their owning modules
+        (``modules[i]`` owns ``params[i]``; a parametrization's ``original`` is owned by the
+        parametrized module); may raise ``ValueError`` naming the parameters it cannot handle
+        (wrong ndim, reference shape, ...)."""
 
     def stats_tensors(self, params: list, strength: float) -> dict:
         """0-d tensors for ``reg.stats()`` (``value``, ``sparsity``, ...), no host sync."""

@@ -112,7 +112,7 @@ class _GroupConstraint(Constraint):
     def _dims(self, p: Tensor) -> tuple[int, ...]:
         return group_dims(self.dim, p.dim(), type(self).__name__)
 
-    def _bind(self, names, params):
+    def _bind(self, names, params, modules=None):
         _bind_dims(type(self).__name__, self.dim, names, params)
 
     def _factor(self, n: Tensor) -> Tensor:

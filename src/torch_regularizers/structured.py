@@ -174,7 +174,7 @@ class _GroupMixin:
     def _dims(self, p: Tensor) -> tuple[int, ...]:
         return group_dims(self.dim, p.dim(), type(self).__name__)
 
-    def _bind(self, names: list[str], params: list) -> None:
+    def _bind(self, names: list[str], params: list, modules: list | None = None) -> None:
         _bind_dims(type(self).__name__, self.dim, names, params)
 
     def _group_stats(self, params: list, strength: float) -> dict:
@@ -420,7 +420,7 @@ class L2SP(Penalty):
         self._by_id: dict[int, Tensor] = {}
         super().__init__(strength, on=on, mode=mode, name=name, lr_coupling=lr_coupling, **kwargs)
 
-    def _bind(self, names: list[str], params: list) -> None:
+    def _bind(self, names: list[str], params: list, modules: list | None = None) -> None:
         refs = []
         if self.reference is None:
             with torch.no_grad():
@@ -561,7 +561,7 @@ class Orthogonal(Penalty):
     has_prox = False
     _modes = ("grad", "decoupled", "loss")
 
-    def _bind(self, names, params):
+    def _bind(self, names, params, modules=None):
         bad = [f"{n} (shape {tuple(p.shape)})" for n, p in zip(names, params) if p.dim() < 2]
         if bad:
             raise ValueError(
@@ -659,7 +659,7 @@ class FnPenalty(Penalty):
             )
         return v.reshape(())
 
-    def _bind(self, names, params):
+    def _bind(self, names, params, modules=None):
         for n, p in zip(names, params):
             with torch.enable_grad():
                 x = _acc(_dist.full(p.detach()))

@@ -114,7 +114,7 @@ class RegularizerCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Lightning restores callbacks before it builds the optimizers (and on_fit_start):
         # keep the state until the regularizer is attached.
-        if self.regularizer is not None and self.regularizer._states:
+        if self.regularizer is not None and self.regularizer._attachments:
             self.regularizer.load_state_dict(state_dict)
         else:
             self._pending = state_dict

@@ -1,0 +1,195 @@
+"""Binding rules to a model's parameters (docs/design.md §2, "Binding").
+
+A :class:`Binding` is one rule of one :class:`~torch_regularizers.Regularizer` with the
+parameters its selector chose. Binding happens at construction and again whenever the
+model's parameters are replaced (meta-device init + ``to_empty``,
+``load_state_dict(assign=True)``, ``module.weight = nn.Parameter(...)``): the selection is
+by name, so the rules follow the new tensors (:func:`fingerprint` tells when).
+
+A rule instance belongs to the first Regularizer built with it; passing the same instance
+to another live Regularizer binds a shallow copy there (its own parameters and L2-SP
+references), so building a second regularizer never changes the first.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from . import distributed as _dist
+from . import select as _select
+from ._rule import Rule
+from .activity import ActivityPenalty
+
+__all__ = ["Binding", "bind_rules", "check_prox_conflicts", "fingerprint", "normalize_rules"]
+
+
+@dataclass
+class Binding:
+    """A rule bound to a model: its unique name and its selected parameters."""
+
+    rule: Rule
+    name: str
+    infos: list[_select.ParamInfo]
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [i.param for i in self.infos]
+
+
+def normalize_rules(rules: Any, allow_empty: bool) -> list[Rule]:
+    """``rules`` as a list of rule instances, or a ``TypeError``/``ValueError`` saying what
+    was passed instead (a class, a number, nothing)."""
+    if isinstance(rules, Rule):
+        return [rules]
+    if isinstance(rules, type) and issubclass(rules, Rule):
+        raise TypeError(
+            f"rules: got the class tr.{rules.__name__}, not an instance; "
+            f"write tr.{rules.__name__}(strength, ...) (e.g. tr.L2(1e-4))"
+        )
+    if isinstance(rules, (str, bytes, dict)) or not isinstance(rules, Iterable):
+        raise TypeError(
+            "rules must be a penalty or constraint (e.g. tr.L2(1e-4)) or a list of them, "
+            f"got {type(rules).__name__} {rules!r:.60}"
+        )
+    out = list(rules)
+    for i, r in enumerate(out):
+        if isinstance(r, type) and issubclass(r, Rule):
+            raise TypeError(
+                f"rules[{i}]: got the class tr.{r.__name__}, not an instance; "
+                f"write tr.{r.__name__}(strength, ...)"
+            )
+        if not isinstance(r, Rule):
+            raise TypeError(
+                f"rules[{i}] must be a penalty or constraint (e.g. tr.L2(1e-4)), "
+                f"got {type(r).__name__}"
+            )
+    if not out and not allow_empty:
+        raise ValueError(
+            "rules is empty: a Regularizer without rules does nothing; pass at least one rule "
+            "(e.g. [tr.L2(1e-4)]), or allow_empty=True"
+        )
+    return out
+
+
+# rule instance -> the Regularizer that owns it (weakly: a rule of a collected regularizer is free)
+_OWNERS: weakref.WeakKeyDictionary[Rule, Any] = weakref.WeakKeyDictionary()
+
+
+def own(rule: Rule, owner: Any) -> Rule:
+    """``rule`` itself if it is free (or already ``owner``'s), else a copy owned by ``owner``."""
+    ref = _OWNERS.get(rule)
+    current = ref() if ref is not None else None
+    if current is not None and current is not owner:
+        rule = copy.copy(rule)
+    _OWNERS[rule] = weakref.ref(owner)
+    return rule
+
+
+def rule_names(rules: list[Rule]) -> list[str]:
+    """Each rule's name: ``name=`` or the lower-case class name, ``_1``, ``_2``… for repeats."""
+    explicit = [r.name for r in rules if r.name is not None]
+    dup = sorted({n for n in explicit if explicit.count(n) > 1})
+    if dup:
+        raise ValueError(f"rule name {dup[0]!r} is used by two rules; give each a distinct name=")
+    taken = set(explicit)
+    used: dict[str, int] = {}
+    out: list[str] = []
+    for r in rules:
+        nm = r.name
+        if nm is None:
+            base = r.default_name
+            n = used.get(base, 0)
+            nm = base if n == 0 else f"{base}_{n}"
+            while nm in taken:
+                n += 1
+                nm = f"{base}_{n}"
+            used[base] = n + 1
+            taken.add(nm)
+        out.append(nm)
+    return out
+
+
+def bind_rules(
+    model: nn.Module,
+    index: _select.ParamIndex,
+    rules: list[Rule],
+    names: list[str],
+    allow_empty: bool,
+) -> list[Binding]:
+    """Match every parameter rule's selector on ``index`` and bind the rule (activity rules
+    select modules: they get a binding without parameters)."""
+    flat = _dist.fsdp1_managed(model)  # FSDP1 flat parameters: elementwise rules only
+    check = getattr(_select, "check_selectable", None)
+    out: list[Binding] = []
+    for r, nm in zip(rules, names):
+        if isinstance(r, ActivityPenalty):
+            out.append(Binding(r, nm, []))
+            continue
+        hit = r.on.match(index)
+        infos = [info for i, info in enumerate(index.params) if i in hit]
+        if not infos and not allow_empty:
+            raise ValueError(
+                f"rule {nm!r} ({type(r).__name__}, on={r.on!r}) selects no parameter of "
+                f"{type(model).__name__}; check the selector, or pass allow_empty=True"
+                + _dist.empty_selection_hint(flat)
+            )
+        if check is not None:
+            check(nm, infos)
+        _check_sparse(r, nm, infos)
+        binding = Binding(r, nm, infos)
+        _dist.check_flat_params(flat, [binding])
+        r._bind([i.name for i in infos], [i.param for i in infos], [i.module for i in infos])
+        out.append(binding)
+    check_prox_conflicts(out, index)
+    return out
+
+
+def _check_sparse(rule: Rule, name: str, infos: list[_select.ParamInfo]) -> None:
+    """Grad-mode rules need dense gradients: ``nn.Embedding(sparse=True)`` gives sparse ones."""
+    if rule.mode != "grad":
+        return
+    bad = [
+        i.name
+        for i in infos
+        if any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse for m in i.owners)
+    ]
+    if bad:
+        raise ValueError(
+            f"rule {name!r} ({type(rule).__name__}, mode='grad') selects parameters with sparse "
+            f"gradients (nn.Embedding/EmbeddingBag with sparse=True): {', '.join(bad)}. A dense "
+            "λ∇R(θ) cannot be added to a sparse gradient; use mode='decoupled' or 'prox' for "
+            "them, or narrow on="
+        )
+
+
+def check_prox_conflicts(bindings: list[Binding], index: _select.ParamIndex, where: str = "") -> None:
+    """Two ``"prox"`` rules on one parameter have no defined order: raise naming them."""
+    owners: dict[int, list[str]] = defaultdict(list)
+    for b in bindings:
+        if b.rule.mode == "prox":
+            for info in b.infos:
+                owners[id(info.param)].append(b.name)
+    clash = [
+        f"{info.name} ({', '.join(owners[id(info.param)])})"
+        for info in index.params
+        if len(owners[id(info.param)]) > 1
+    ]
+    if clash:
+        raise ValueError(
+            f"two 'prox' rules{where} select the same parameter: "
+            + "; ".join(clash)
+            + ". Combine them in one penalty (tr.ElasticNet, tr.SparseGroupLasso) or use "
+            "another mode for one of them"
+        )
+
+
+def fingerprint(model: nn.Module) -> tuple[int, ...]:
+    """Identity of the model's parameter tensors: changes when any of them is replaced."""
+    return tuple(id(p) for p in model.parameters())

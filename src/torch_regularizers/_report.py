@@ -1,0 +1,133 @@
+"""Seeing what a Regularizer does: ``summary()``, ``stats()`` (docs/design.md §5).
+
+Reporting only reads: nothing here changes a parameter, a gradient or a step count.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed as _dist
+from ._binding import Binding
+from .penalties import Penalty
+
+__all__ = ["format_summary", "stats", "summary_dict"]
+
+
+def _fmt_strength(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def _group_lr(optimizers: list[torch.optim.Optimizer], p: nn.Parameter) -> Any:
+    for opt in optimizers:
+        for g in opt.param_groups:
+            if any(q is p for q in g["params"]):
+                lr = g.get("lr")
+                return float(lr) if isinstance(lr, Tensor) else lr
+    return None
+
+
+def summary_dict(
+    bindings: list[Binding], index: Any, step: int, optimizers: list[torch.optim.Optimizer]
+) -> dict[str, Any]:
+    """``{"params": [...], "unselected": [...], "rules": {...}}`` (see ``Regularizer.summary``)."""
+    per_param: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    rules: dict[str, dict[str, Any]] = {}
+    for b in bindings:
+        strength = b.rule.strength_at(step, b.name) if isinstance(b.rule, Penalty) else b.rule.summary_strength()
+        rules[b.name] = {
+            "params": len(b.infos),
+            "numel": sum(i.param.numel() for i in b.infos),
+            "mode": b.rule.mode,
+            "kind": type(b.rule).__name__,
+        }
+        for info in b.infos:
+            per_param[id(info.param)].append({"rule": b.name, "mode": b.rule.mode, "strength": strength})
+    params, unselected = [], []
+    for info in index.params:
+        entry = per_param.get(id(info.param))
+        if not entry:
+            unselected.append(info.name)
+            continue
+        params.append(
+            {
+                "name": info.name,
+                "aliases": list(info.aliases),
+                "shape": tuple(info.param.shape),
+                "numel": info.param.numel(),
+                "trainable": info.param.requires_grad,
+                "rules": entry,
+                "lr": _group_lr(optimizers, info.param),
+            }
+        )
+    return {"params": params, "unselected": unselected, "rules": rules}
+
+
+def format_summary(d: dict[str, Any], model_name: str) -> str:
+    """The text table of :func:`summary_dict`."""
+    rows = []
+    for p in d["params"]:
+        name = p["name"] + (f" (= {', '.join(p['aliases'])})" if p["aliases"] else "")
+        if not p["trainable"]:
+            name += " [frozen]"
+        rules = "; ".join(
+            f"{r['rule']}:{r['mode']}"
+            + (
+                f" {'cap' if r['mode'] == 'constraint' else 'λ'}={_fmt_strength(r['strength'])}"
+                if isinstance(r["strength"], float)
+                else ""
+            )
+            for r in p["rules"]
+        )
+        lr = "-" if p["lr"] is None else _fmt_strength(float(p["lr"]))
+        rows.append((name, "×".join(map(str, p["shape"])) or "scalar", f"{p['numel']:,}", rules, lr))
+    head = ("parameter", "shape", "numel", "rules", "lr")
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    out = [f"Regularizer on {model_name}", line(head), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    out.append("")
+    if d["unselected"]:
+        out.append(f"not regularized ({len(d['unselected'])}): " + ", ".join(d["unselected"]))
+    else:
+        out.append("not regularized: (none)")
+    out.append("")
+    out.append("rules:")
+    for name, r in d["rules"].items():
+        out.append(f"  {name:<16} {r['kind']:<16} mode={r['mode']:<10} {r['params']:>5} tensors  {r['numel']:>12,} values")
+    return "\n".join(out)
+
+
+def stats(bindings: list[Binding], step: int, activity: list[Any]) -> dict[str, float]:
+    """``<rule>/value``, ``<rule>/sparsity``, ``<rule>/zero_groups`` as floats, one host sync."""
+    keys: list[str] = []
+    vals: list[Tensor] = []
+    with torch.no_grad():
+        for b in bindings:
+            if not b.infos:
+                continue
+            lam = b.rule.strength_at(step, b.name) if isinstance(b.rule, Penalty) else 0.0
+            for k, v in b.rule.stats_tensors(b.params, lam).items():
+                keys.append(f"{b.name}/{k}")
+                vals.append(v.detach().to(torch.float64))
+        for h in activity:
+            if h.last:
+                keys.append(f"{h.name}/value")
+                total = None
+                for v in h.last.values():
+                    total = v if total is None else total + v.to(total.device)
+                vals.append(total.detach().to(torch.float64))
+    if not vals:
+        return {}
+    vals = _dist.full_values(vals)  # DTensor stats of custom rules: reduced across shards
+    dev = vals[0].device
+    out = torch.stack([v.to(dev) for v in vals]).tolist()  # the one host sync
+    return dict(zip(keys, out))
