@@ -14,7 +14,7 @@ from . import select as _select
 
 __all__ = ["LR_COUPLINGS", "MODES", "Rule", "Strength", "check_nonneg", "check_ratio"]
 
-#: Modes a penalty can run in (see DESIGN §3).
+#: Modes a penalty can run in (see docs/design.md §3).
 MODES = ("grad", "decoupled", "prox", "loss")
 #: How the step size of decoupled/prox rules follows the optimizer's learning rate.
 LR_COUPLINGS = ("lr", "lr_ratio", "none")

@@ -1,4 +1,4 @@
-"""Speed benchmark (DESIGN §7): ``python -m torch_regularizers bench`` calls :func:`main`.
+"""Speed benchmark (docs/design.md §8): ``python -m torch_regularizers bench`` calls :func:`main`.
 
 Micro benchmarks: every penalty × mode on three parameter sets
 

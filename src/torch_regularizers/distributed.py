@@ -1,4 +1,4 @@
-"""Distributed training: DTensor (FSDP2) parameters and FSDP1 flat parameters (DESIGN §6).
+"""Distributed training: DTensor (FSDP2) parameters and FSDP1 flat parameters (docs/design.md §7).
 
 * **DDP** needs nothing: gradients are already reduced and parameters identical on every
   rank, so every rule acts the same on every rank.

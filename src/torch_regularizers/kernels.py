@@ -6,7 +6,7 @@ temporary the size of the model. The math of each is in its docstring; the penal
 ``_foreach_*`` methods call them and the single-tensor reference methods of
 :mod:`torch_regularizers.penalties` are the ground truth the tests compare them with.
 
-Why they exist (DESIGN §7, measured on a 2-core CPU): ``torch._foreach_sign(θ)`` makes
+Why they exist (docs/design.md §8, measured on a 2-core CPU): ``torch._foreach_sign(θ)`` makes
 a model-sized temporary (allocation + page faults: 2–10× the floor pass), every extra
 elementwise pass costs about one floor pass, and on CPU each ``_foreach_*`` op is a loop
 over tensors, so with thousands of tiny tensors each op costs about one floor.

@@ -64,7 +64,7 @@ class Penalty(Rule):
 
     Args (common to every penalty):
         on: selector of the parameters it applies to (default ``tr.select.weights``).
-        mode: ``"grad"`` (default), ``"decoupled"``, ``"prox"`` or ``"loss"`` (DESIGN §3).
+        mode: ``"grad"`` (default), ``"decoupled"``, ``"prox"`` or ``"loss"`` (docs/design.md §3).
         name: name in ``summary()``/``stats()``; default lower-case class name.
         lr_coupling: for decoupled/prox: the step size η is the group's ``"lr"``
             (default), ``"lr_ratio"`` (lr / initial_lr) or ``"none"`` (η = 1).
