@@ -27,7 +27,15 @@ from . import distributed as _dist
 from . import select as _select
 from ._precision import LOW_PRECISION as _LOW
 from ._rule import Rule, check_nonneg
-from .structured import Dim, _bind_dims, check_dim_arg, foreach_group_map, group_dims, group_norm
+from .structured import (
+    Dim,
+    _bind_dims,
+    _record_layouts,
+    check_dim_arg,
+    foreach_group_map,
+    group_norm,
+    rule_dims,
+)
 
 __all__ = ["Constraint", "MaxNorm", "NonNeg", "UnitNorm"]
 
@@ -110,10 +118,11 @@ class _GroupConstraint(Constraint):
         super().__init__(**kw)
 
     def _dims(self, p: Tensor) -> tuple[int, ...]:
-        return group_dims(self.dim, p.dim(), type(self).__name__)
+        return rule_dims(self, self.dim, p, type(self).__name__)
 
     def _bind(self, names, params, modules=None):
         _bind_dims(type(self).__name__, self.dim, names, params)
+        _record_layouts(self, self.dim, params, modules)
 
     def _factor(self, n: Tensor) -> Tensor:
         raise NotImplementedError
@@ -149,8 +158,10 @@ class MaxNorm(_GroupConstraint):
 
     After each step, a group with norm n > m becomes w·m/(ε + n) (Keras' formula); groups
     with n ≤ m are unchanged (no Keras-style shrink by n/(ε + n)). ``dim`` as for
-    :class:`~torch_regularizers.GroupLasso`; ``dim=1`` on a ``Linear`` weight bounds each
-    output unit's incoming weights. ``stats()`` reports ``max_norm``.
+    :class:`~torch_regularizers.GroupLasso`: the default bounds each output unit's incoming
+    weights, by layer type (rows of a ``Linear``/``Conv`` weight; columns of an HF ``Conv1D``
+    weight, dim 1 of a ``ConvTranspose`` weight), as does ``dim=1`` on a ``Linear`` weight.
+    ``stats()`` reports ``max_norm``.
     """
 
     def __init__(
@@ -182,7 +193,9 @@ class MaxNorm(_GroupConstraint):
 class UnitNorm(_GroupConstraint):
     r"""Unit-norm constraint (Keras): every group becomes w/(ε + ‖w‖) after each step.
 
-    An all-zero group stays 0. ``dim`` as for :class:`~torch_regularizers.GroupLasso`.
+    An all-zero group stays 0. ``dim`` as for :class:`~torch_regularizers.GroupLasso`
+    (default: one group per output unit, by layer type: HF ``Conv1D`` and ``ConvTranspose``
+    weights group along dim 1).
     """
 
     def __init__(

@@ -15,13 +15,24 @@ first name; a selector matching any of its names selects it.
 
 Presets (attributes, not calls): ``all``, ``biases``, ``norms``, ``embeddings``,
 ``tokens``, ``weights`` (= ndim ≥ 2 minus ``embeddings | tokens | norms``).
+
+A module's ``no_weight_decay()`` (timm's convention) lists ``fnmatch`` patterns relative to
+that module (``{'pos_embed.*', 'cls_token'}``); a ``no_weight_decay()`` that fails or returns
+nothing usable is ignored with one ``UserWarning`` naming the module.
+
+Parameters a selector cannot judge raise ``ValueError`` naming them: an uninitialized
+parameter of a lazy module (``nn.LazyLinear`` before its first forward) when the index is
+built, and a complex-valued parameter when a rule selects it (:func:`check_selectable`).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
-from collections.abc import Iterator
+import sys
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -33,6 +44,7 @@ __all__ = [
     "Selector",
     "all",
     "biases",
+    "check_selectable",
     "embeddings",
     "index",
     "modules",
@@ -115,8 +127,99 @@ class ParamInfo:
         return [self.name, *self.aliases]
 
 
+def _module_label(prefix: str, mod: nn.Module) -> str:
+    return f"{prefix.rstrip('.') or '<model>'} ({type(mod).__name__})"
+
+
+def _no_weight_decay_patterns(prefix: str, mod: nn.Module) -> list[str] | None:
+    """The patterns ``mod.no_weight_decay()`` declares, or None (with one ``UserWarning``
+    naming the module) when it needs arguments, raises, or returns nothing usable."""
+    where = _module_label(prefix, mod)
+    try:
+        out = mod.no_weight_decay()
+    except Exception as e:  # needs arguments, or fails: ignore it, never crash a Regularizer
+        reason = f"calling it raised {type(e).__name__}: {e}"
+    else:
+        if isinstance(out, str):
+            return [out]
+        if isinstance(out, Iterable) and not isinstance(out, (bytes, torch.Tensor)):
+            try:
+                items = list(out)
+            except Exception as e:
+                reason = f"iterating its result raised {type(e).__name__}: {e}"
+            else:
+                good = [x for x in items if isinstance(x, str)]
+                bad = [x for x in items if not isinstance(x, str)]
+                if not bad:
+                    return good
+                reason = f"it returned non-string entries {bad[:3]!r}"
+                if good:  # keep the usable names, say which entries were dropped
+                    reason += f" (they are dropped; its names {good[:3]!r} are used)"
+                    _warn_nwd(where, reason)
+                    return good
+        else:
+            reason = f"it returned {type(out).__name__} {out!r:.60}, not an iterable of names"
+    _warn_nwd(where, reason + "; it is ignored")
+    return None
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` of the first caller outside this package (for ``warnings.warn`` called
+    from the function that calls this)."""
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    f, level = sys._getframe(1), 1
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(pkg + os.sep):
+        f, level = f.f_back, level + 1
+    return level
+
+
+def _warn_nwd(where: str, reason: str) -> None:
+    warnings.warn(
+        f"torch_regularizers: no_weight_decay() of module {where}: {reason}. It should return "
+        "names or fnmatch patterns of parameters, relative to the module "
+        "(e.g. {'pos_embed', 'cls_token', 'pos_embed.*'})",
+        UserWarning,
+        stacklevel=_user_stacklevel(),
+    )
+
+
+def _nwd_match(rel: str, patterns: Sequence[str]) -> bool:
+    """``rel`` (a name relative to the declaring module) matches a ``no_weight_decay()``
+    entry: an ``fnmatch`` pattern as timm applies it (an exact name is the pattern without
+    wildcards), or a prefix ending at a dot (``"gate."``: everything under ``gate``)."""
+    return any(
+        rel == pat
+        or (pat.endswith(".") and rel.startswith(pat))
+        or fnmatch.fnmatchcase(rel, pat)
+        for pat in patterns
+    )
+
+
+def _check_lazy(params: list[ParamInfo]) -> None:
+    lazy = [i for i in params if isinstance(i.param, nn.parameter.UninitializedParameter)]
+    if not lazy:
+        return
+    by_mod: dict[int, tuple[nn.Module, list[str]]] = {}
+    for i in lazy:
+        by_mod.setdefault(id(i.module), (i.module, []))[1].append(i.name)
+    what = "; ".join(
+        f"module {names[0].rpartition('.')[0] or '<model>'} ({type(m).__name__}): "
+        + ", ".join(names)
+        for m, names in by_mod.values()
+    )
+    raise ValueError(
+        f"torch_regularizers: lazy module parameter(s) not initialized yet: {what}. "
+        "Their shapes are unknown until the module runs: run one forward pass "
+        "(e.g. model(example_batch)) before building the Regularizer or resolving selectors"
+    )
+
+
 class ParamIndex:
-    """All unique parameters of a model with names, owners and aliases (built once)."""
+    """All unique parameters of a model with names, owners and aliases (built once).
+
+    Raises ``ValueError`` naming them if some parameters are uninitialized (lazy modules
+    before their first forward pass).
+    """
 
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
@@ -124,11 +227,16 @@ class ParamIndex:
         self.model = model
         self.params: list[ParamInfo] = []
         by_id: dict[int, ParamInfo] = {}
-        nwd: list[tuple[str, set[str]]] = []
+        nwd: list[tuple[str, list[str]]] = []
+        nwd_seen: dict[int, list[str] | None] = {}
         for prefix, mod, parents in _walk(model):
             fn = getattr(mod, "no_weight_decay", None)
             if callable(fn) and not _is_parametrization_list(mod):
-                nwd.append((prefix, {str(n) for n in fn()}))
+                if id(mod) not in nwd_seen:  # a shared module is asked (and warns) once
+                    nwd_seen[id(mod)] = _no_weight_decay_patterns(prefix, mod)
+                pats = nwd_seen[id(mod)]
+                if pats:
+                    nwd.append((prefix, pats))
             owner, base_override = mod, None
             if _is_parametrization_list(mod) and len(parents) >= 2:
                 owner = parents[-2]
@@ -148,18 +256,46 @@ class ParamIndex:
                         info.aliases.append(full)
                     if owner not in info.owners:
                         info.owners.append(owner)
-        for prefix, names in nwd:
+        _check_lazy(self.params)
+        for prefix, patterns in nwd:
             for info in self.params:
+                if info.no_weight_decay:
+                    continue
                 for full in info.names:
-                    if not full.startswith(prefix):
-                        continue
-                    rel = full[len(prefix) :]
-                    if rel in names or any(n.endswith(".") and rel.startswith(n) for n in names):
+                    if full.startswith(prefix) and _nwd_match(full[len(prefix) :], patterns):
                         info.no_weight_decay = True
+                        break
         self.by_id = by_id
 
     def info(self, p: torch.Tensor) -> ParamInfo | None:
         return self.by_id.get(id(p))
+
+
+def check_selectable(rule_name: str, infos: Sequence[ParamInfo]) -> None:
+    """Raise ``ValueError`` naming the parameters a rule cannot act on, among those it selects.
+
+    ``infos`` are the :class:`ParamInfo` a rule named ``rule_name`` selects (``rule.on.match``
+    of a :class:`ParamIndex`). Complex-valued parameters are refused: the rules' math is
+    written for real tensors (L2 would report Σθ² rather than ½λΣ|θ|², and L1's prox fails at
+    the first step), so they must be left out of the selection (``on=... - tr.select.name(...)``)
+    or regularized on a real view. Uninitialized (lazy) parameters are refused too (the index
+    already refuses them; this covers infos built by hand). A model that merely *contains*
+    such parameters, unselected, is fine.
+    """
+    infos = list(infos)
+    _check_lazy(infos)
+    bad = [
+        f"{i.name} ({str(i.param.dtype).replace('torch.', '')}, shape {tuple(i.param.shape)})"
+        for i in infos
+        if i.param.is_complex()
+    ]
+    if bad:
+        raise ValueError(
+            f"rule {rule_name!r} selects complex-valued parameter(s) {', '.join(bad)}; "
+            "torch_regularizers rules act on real parameters only. Leave them out of the "
+            "rule's on= selector (e.g. on=tr.select.weights - tr.select.name('<their names>')), "
+            "or regularize torch.view_as_real(p) with your own loss term"
+        )
 
 
 def index(model: nn.Module) -> ParamIndex:
@@ -363,8 +499,21 @@ _TORCH_NORMS: tuple[type, ...] = tuple(
     )
     if t is not None
 )
-_NORM_NAME = re.compile(r"Norm([123]d)?$")
-_TOKEN_NAMES = {"reg_tokens", "position_embedding", "position_embeddings"}
+#: "Norm" as a CamelCase word of a class name (``LlamaRMSNorm``, ``MambaRMSNormGated``,
+#: ``FrozenBatchNorm2d``, ``NemotronLayerNorm1P``, timm's ``BatchNormAct2d``), not the start
+#: of a longer word (``Normal``, ``Normalizer``), and not a word in the middle of the name of a
+#: block that merely contains a norm (``Wav2Vec2GroupNormConvLayer``, ``RTDetrConvNormLayer``,
+#: ``RobertaPreLayerNormModel``, timm's ``NormMlpClassifierHead``): those own no norm gains.
+_NORM_NAME = re.compile(
+    r"Norm(?![a-z])(?!(?:Conv|Layer|Model|For|Pre|PreTrained|Head|LM|Lm|Mlp|MLP|Embeddings?|Encoder|"
+    r"Decoder|Attention|Cross|Self|Intermediate|Output|Pooler|Classifier|Classification|Block|"
+    r"Config|Linear|Stem|Net|Backbone|Projection|Proj|Adapter)(?![a-z]))"
+)
+_TOKEN_NAMES = {"position_embedding", "position_embeddings", "logit_scale"}
+#: relative position tables (Swin, BEiT, MaxViT, timm ``rel_pos_bias``), by how the name ends
+_REL_POS_SUFFIXES = ("relative_position_bias_table", "relative_position_bias", "rel_pos_bias")
+#: continuous relative position bias MLPs (SwinV2): every parameter under a module so named
+_REL_POS_MODULES = {"cpb_mlp", "continuous_position_bias_mlp"}
 
 
 def _is_norm_module(m: nn.Module) -> bool:
@@ -382,9 +531,12 @@ def _is_token(info: ParamInfo) -> bool:
     b = info.base
     return (
         info.no_weight_decay
-        or b.endswith("_token")
+        or b.endswith(("_token", "_tokens"))
         or b in _TOKEN_NAMES
+        or b.endswith("_logit_scale")
         or b.startswith("pos_embed")
+        or b.endswith(_REL_POS_SUFFIXES)
+        or any(not _REL_POS_MODULES.isdisjoint(n.split(".")[:-1]) for n in info.names)
     )
 
 

@@ -8,16 +8,29 @@ penalties also have multi-tensor versions for the hot path in which tensors of e
 
 Groups (``GroupLasso``, ``SparseGroupLasso``, and the constraints ``MaxNorm``/``UnitNorm``)
 are given by ``dim``: the dimensions reduced for each group norm, exactly as in
-``torch.linalg.vector_norm(p, dim=dim)``. The default ``dim=None`` reduces every
-dimension but 0, i.e. one group per output unit / channel of a ``Linear`` or ``Conv``
-weight (rows of ``weight``); a 1-D tensor is one group. ``dim=0`` on a
-``Linear(p, T).weight`` makes each *input feature* a group (a column: the weights of one
-feature across all T outputs), which is scikit-learn's ``MultiTaskLasso`` grouping.
+``torch.linalg.vector_norm(p, dim=dim)``. The default ``dim=None`` is one group per output
+unit / channel, following the layer type of the parameter's owning module (recorded when
+the :class:`~torch_regularizers.Regularizer` binds the rule):
+
+* ``Linear``, ``Conv1d/2d/3d`` and any other module: dim 0 is the output, so every dim but
+  0 is reduced (rows of a ``Linear`` weight);
+* Hugging Face ``Conv1D`` (GPT-2, weight ``(in, out)``): dim 1 is the output, dim 0 is
+  reduced (columns of the weight);
+* ``ConvTranspose1d/2d/3d`` (weight ``(in, out/groups, *kernel)``): dim 1 is the output,
+  every other dim is reduced. With ``groups > 1`` a group then holds output channel ``j`` of
+  every conv group; pass ``dim=`` to choose otherwise.
+
+A 1-D tensor (a bias) is one group. The single-tensor API on a tensor the rule was never
+bound to (``rule.value(w)`` before any Regularizer) uses the generic rule (all but dim 0).
+An explicit ``dim=`` is used as given on every layer. ``dim=0`` on a ``Linear(p, T).weight``
+makes each *input feature* a group (a column: the weights of one feature across all T
+outputs), which is scikit-learn's ``MultiTaskLasso`` grouping.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Callable, Union
@@ -151,6 +164,111 @@ def _shrink_factor(thr: Scalar, n: Tensor) -> Tensor:
     return (1 - thr / n.clamp_min(tiny)).clamp_min_(0)
 
 
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    """Hugging Face's ``transformers.pytorch_utils.Conv1D`` (or a subclass), by class, so
+    the core library never imports transformers."""
+    return any(
+        c.__name__ == "Conv1D" and c.__module__.startswith("transformers")
+        for c in type(m).__mro__
+    )
+
+
+def layout_dims(module: nn.Module | None, p: Tensor) -> tuple[int, ...] | None:
+    """Default reduced dims of parameter ``p`` owned by ``module`` when its layer type puts
+    the output units on a dim other than 0, else None (the generic default, all but dim 0).
+
+    HF ``Conv1D`` weight ``(nx, nf)``: dim 1 is the output, reduce ``(0,)``.
+    ``ConvTranspose*d`` weight ``(in, out/groups, *k)``: dim 1 is the output, reduce the rest.
+    Only the weight-shaped parameter (also a parametrization's ``original``) is affected;
+    biases and other shapes keep the generic default.
+    """
+    if module is None or isinstance(p, nn.parameter.UninitializedParameter):
+        return None
+    shape = tuple(p.shape)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        want = (module.in_channels, module.out_channels // module.groups, *module.kernel_size)
+        if shape == want:
+            return (0, *range(2, len(shape)))
+        return None
+    if _is_hf_conv1d(module):
+        nf, nx = getattr(module, "nf", None), getattr(module, "nx", None)
+        if len(shape) == 2 and (nf is None or nx is None or shape == (nx, nf)):
+            return (0,)
+    return None
+
+
+class _DefaultDims:
+    """Per-parameter default reduced dims recorded by ``_bind`` (from the owning module).
+
+    Looked up by parameter identity; a tensor that is not a bound parameter (a clone, a
+    detached view, an fp32 working copy) gets the dims of the bound parameters of its shape
+    when they agree, else of the one sharing its storage, else the generic default.
+    """
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[weakref.ref, tuple[int, ...]]] = {}
+        self._by_shape: dict[tuple, list[tuple[weakref.ref, tuple[int, ...]]]] = defaultdict(list)
+
+    def add(self, p: Tensor, dims: tuple[int, ...]) -> None:
+        old = self._by_id.get(id(p))
+        if old is not None and old[0]() is p:
+            if old[1] == dims:
+                return
+            shp = self._by_shape[tuple(p.shape)]
+            shp[:] = [e for e in shp if e[0]() is not p]
+        entry = (weakref.ref(p), dims)
+        self._by_id[id(p)] = entry
+        self._by_shape[tuple(p.shape)].append(entry)
+
+    def __reduce__(self):  # weak references do not pickle: a copy starts unbound
+        return (_DefaultDims, ())
+
+    def get(self, p: Tensor) -> tuple[int, ...] | None:
+        e = self._by_id.get(id(p))
+        if e is not None and e[0]() is p:
+            return e[1]
+        cands = [(r(), d) for r, d in self._by_shape.get(tuple(p.shape), ()) if r() is not None]
+        if not cands:
+            return None
+        if len({d for _, d in cands}) == 1:
+            return cands[0][1]
+        try:  # same shape, different layouts: the bound parameter sharing p's storage
+            ptr = p.data_ptr()
+            for q, d in cands:
+                if ptr and q.data_ptr() == ptr:
+                    return d
+        except (RuntimeError, TypeError, AttributeError):
+            pass
+        return None
+
+
+def _record_layouts(rule: object, dim: Dim, params: list, modules: list | None) -> None:
+    """``_bind`` helper of the group rules: remember each parameter's default dims."""
+    if dim is not None:
+        return
+    table = rule.__dict__.get("_default_dims")
+    if table is None:
+        table = rule._default_dims = _DefaultDims()  # type: ignore[attr-defined]
+    mods = list(modules) if modules is not None else [None] * len(params)
+    for p, m in zip(params, mods):
+        if isinstance(p, nn.parameter.UninitializedParameter):
+            continue
+        d = layout_dims(m, p)
+        table.add(p, d if d is not None else group_dims(None, p.dim()))
+
+
+def rule_dims(rule: object, dim: Dim, p: Tensor, owner: str) -> tuple[int, ...]:
+    """The reduced dims a group rule uses for ``p``: ``dim`` if given, else the default
+    recorded at bind time for ``p``'s layer type, else all but dim 0."""
+    if dim is None:
+        table = rule.__dict__.get("_default_dims")
+        if table is not None:
+            d = table.get(p)
+            if d is not None and len(d) <= p.dim() and all(x < p.dim() for x in d):
+                return d
+    return group_dims(dim, p.dim(), owner)
+
+
 def _bind_dims(owner: str, dim: Dim, names: list[str], params: list) -> None:
     bad = []
     for n, p in zip(names, params):
@@ -172,10 +290,11 @@ class _GroupMixin:
     dim: Dim
 
     def _dims(self, p: Tensor) -> tuple[int, ...]:
-        return group_dims(self.dim, p.dim(), type(self).__name__)
+        return rule_dims(self, self.dim, p, type(self).__name__)
 
     def _bind(self, names: list[str], params: list, modules: list | None = None) -> None:
         _bind_dims(type(self).__name__, self.dim, names, params)
+        _record_layouts(self, self.dim, params, modules)
 
     def _group_stats(self, params: list, strength: float) -> dict:
         vals, zero_groups, zero_elems = [], [], []
@@ -208,8 +327,13 @@ class GroupLasso(_GroupMixin, Penalty):
     Args:
         strength: λ (float or schedule ``f(step)``).
         dim: the dims reduced for each group norm, as in ``torch.linalg.vector_norm``.
-            Default: all but dim 0 (one group per output unit/channel); a 1-D tensor is
-            one group. ``dim=0`` on a ``Linear`` weight: one group per input feature.
+            Default: one group per output unit/channel, by the owning layer's type: all
+            but dim 0 for ``Linear``/``Conv`` (and any other module), all but dim 1 for HF
+            ``Conv1D`` (weight ``(in, out)``: whole columns) and ``ConvTranspose1d/2d/3d``
+            (weight ``(in, out/groups, *k)``); a 1-D tensor is one group. Outside a
+            Regularizer (``rule.value(w)`` on an unbound tensor) the default is all but
+            dim 0. An explicit ``dim`` applies as given to every selected tensor: ``dim=0``
+            on a ``Linear`` weight is one group per input feature.
 
     ∇R = λ√size_g·θ_g/‖θ_g‖, and 0 for an all-zero group (never NaN, also through
     autograd in ``mode="loss"``). prox_{tR}(θ)_g = θ_g·max(0, 1 − tλ√size_g/‖θ_g‖) (block
@@ -304,7 +428,9 @@ class SparseGroupLasso(GroupLasso):
     r"""Sparse group lasso R(θ) = λ·ρ·‖θ‖₁ + λ·(1 − ρ)·Σ_g √(size_g)·‖θ_g‖₂ (ρ = ``l1_ratio``).
 
     Same λ for both parts: ``l1_ratio=1`` is :class:`~torch_regularizers.L1` (lasso),
-    ``l1_ratio=0`` is :class:`GroupLasso`. ``dim`` as for :class:`GroupLasso`.
+    ``l1_ratio=0`` is :class:`GroupLasso`. ``dim`` as for :class:`GroupLasso` (default: one
+    group per output unit, by layer type: HF ``Conv1D`` and ``ConvTranspose`` weights group
+    along dim 1).
     prox_{tR} = group prox with tλ(1 − ρ) after the L1 prox (soft-threshold by tλρ); this
     composition is the exact prox of the sum. Exact zeros both inside groups and of
     whole groups with ``mode="prox"``.
@@ -519,6 +645,25 @@ class L2SP(Penalty):
     def references(self) -> dict[str, Tensor]:
         """Parameter name → reference tensor (after binding)."""
         return dict(zip(self._names, self._refs))
+
+    def _rebind(self, names: list[str], params: list, modules: list | None = None) -> None:
+        """Replaced parameters (``to_empty``, ``load_state_dict(assign=True)``): a default
+        reference taken at construction is kept for every name whose reference still fits
+        (same shape and device, not a meta tensor); the others are taken from the new
+        weights now."""
+        old = dict(zip(self._names, self._refs))
+        self._bind(names, params, modules)
+        if self.reference is not None:
+            return
+        for i, (n, p) in enumerate(zip(names, params)):
+            r = old.get(n)
+            if r is not None and not r.is_meta and r.shape == p.shape and r.device == p.device:
+                self._refs[i] = r.to(p.dtype)
+        self._by_id = {id(p): r for p, r in zip(params, self._refs)}
+
+    def _unbind(self) -> None:
+        super()._unbind()
+        self._names, self._params, self._refs, self._by_id = [], [], [], {}
 
     def rule_state_dict(self) -> dict:
         return {"reference": {n: r.detach().clone() for n, r in zip(self._names, self._refs)}}

@@ -25,14 +25,15 @@ steps skipped by the ``GradScaler`` do not either.
   ``trainer.train(resume_from_checkpoint=...)`` loads the optimizer before ``on_train_begin``,
   where the callback takes the state back out, so a resumed run continues identically.
 
-Native weight decay: :func:`decay_parameter_names` is a drop-in for
-``Trainer.get_decay_parameter_names`` that uses the library's selectors (every normalization
-layer by type — ``LlamaRMSNorm``, ``T5LayerNorm``, ... — biases, and optionally embeddings);
-:func:`use_decay_selection` installs it on a Trainer.
+Native weight decay: :func:`decay_parameter_names` returns exactly what
+``Trainer.get_decay_parameter_names`` returns (HF's by-name rule), or, given ``no_decay=``, the
+parameters a library selector does not spare (``~tr.select.weights``: the library's own
+convention); :func:`use_decay_selection` installs it on a Trainer.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -52,28 +53,78 @@ from .. import select as _select
 from ..regularizer import Regularizer, unwrap_optimizer
 from . import StatsLogger, make_regularizer
 
-__all__ = ["STATE_KEY", "RegularizerCallback", "decay_parameter_names", "use_decay_selection"]
+__all__ = [
+    "HF_NO_DECAY_LAYERS",
+    "HF_NO_DECAY_PATTERNS",
+    "STATE_KEY",
+    "RegularizerCallback",
+    "decay_parameter_names",
+    "use_decay_selection",
+]
 
 #: key of the regularizer's state in ``optimizer.state_dict()["param_groups"][0]``
 STATE_KEY = "torch_regularizers"
 
 
+#: The Trainer's no-decay rule (transformers 5.x ``Trainer.get_decay_parameter_names``):
+#: parameters inside an ``nn.LayerNorm`` (or subclass), and any name that, lower-cased,
+#: matches one of these (``bias`` anywhere: also ``relative_attention_bias.weight`` and
+#: ``relative_position_bias_table``).
+HF_NO_DECAY_LAYERS: tuple[type[nn.Module], ...] = (nn.LayerNorm,)
+HF_NO_DECAY_PATTERNS: tuple[str, ...] = (
+    r"bias",
+    r"layernorm",
+    r"rmsnorm",
+    r"(?:^|\.)norm(?:$|\.)",
+    r"_norm(?:$|\.)",
+)
+_HF_NO_DECAY_RE = [re.compile(p) for p in HF_NO_DECAY_PATTERNS]
+
+
+def _hf_names(model: nn.Module, under_forbidden: bool = False) -> list[tuple[str, Any, bool]]:
+    """``(name, param, inside a forbidden layer)`` in the order and with the names the Trainer
+    walks them: children first (``named_children``), then the module's own ``_parameters``
+    (every registered name, tied ones under each; ``None`` entries included, as HF does)."""
+    out: list[tuple[str, Any, bool]] = []
+    for cname, child in model.named_children():
+        forbidden = under_forbidden or isinstance(child, HF_NO_DECAY_LAYERS)
+        out += [(f"{cname}.{n}", p, f) for n, p, f in _hf_names(child, forbidden)]
+    out += [(k, p, under_forbidden) for k, p in model._parameters.items()]
+    return out
+
+
 def decay_parameter_names(model: nn.Module, no_decay: _select.Selector | None = None) -> list[str]:
     """Names of the parameters to weight-decay, as ``Trainer.get_decay_parameter_names`` returns.
 
-    ``no_decay`` defaults to ``tr.select.biases | tr.select.norms``: the Trainer's own rule
-    (biases and normalization layers), with normalization layers found by type (any class
-    whose name ends in ``Norm``: ``LlamaRMSNorm``, ``T5LayerNorm``, torch's ``RMSNorm``, ...)
-    rather than by parameter name. Ask for more, e.g. ``tr.select.biases | tr.select.norms |
-    tr.select.embeddings``, or pass ``~tr.select.weights`` for the library's default decay set.
-    Names are those of ``model.named_parameters()`` (tied parameters under every name).
+    Default (``no_decay=None``): exactly the Trainer's own list (transformers 5.x), name for
+    name and in its order: every parameter except those inside an ``nn.LayerNorm`` and those
+    whose lower-cased name contains ``bias``, ``layernorm`` or ``rmsnorm``, or has a
+    ``norm`` / ``*_norm`` name part (:data:`HF_NO_DECAY_PATTERNS`). That rule is by name: it
+    also spares T5's ``relative_attention_bias.weight``, Swin/BEiT ``relative_position_bias_table``
+    and SwinV2's ``continuous_position_bias_mlp.*`` (they contain "bias"), and gated norms
+    such as Mamba2's ``mixer.norm.weight``; it decays embeddings, position embeddings and
+    tokens (DINOv2 ``register_tokens``, CLIP ``logit_scale``).
+
+    ``no_decay``: a selector of the parameters to spare instead, e.g. ``~tr.select.weights``
+    for the library's own convention (biases, norms by type, embeddings, tokens and relative
+    position tables undecayed; see the README's "Conventions"), or ``tr.select.biases |
+    tr.select.norms | tr.select.embeddings``. A tied parameter is decayed or spared under all
+    of its names together.
+
+    Names are listed as the Trainer lists them (its own walk of ``named_children``: a tied
+    parameter under every name).
     """
+    walk = _hf_names(model)
     if no_decay is None:
-        no_decay = _select.biases | _select.norms
+        return [
+            n
+            for n, _, forbidden in walk
+            if not forbidden and not any(r.search(n.lower()) for r in _HF_NO_DECAY_RE)
+        ]
     if not isinstance(no_decay, _select.Selector):
         raise TypeError(f"no_decay must be a tr.select selector, got {type(no_decay).__name__}")
     keep = {id(p) for _, p in (_select.all - no_decay).resolve(model)}
-    return [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in keep]
+    return [n for n, p, _ in walk if p is not None and id(p) in keep]
 
 
 def use_decay_selection(trainer: Any, no_decay: _select.Selector | None = None) -> Any:
