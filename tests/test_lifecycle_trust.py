@@ -450,3 +450,27 @@ def test_item13_attach_is_all_or_nothing():
     o1.step()
     assert torch.equal(m[0].weight, w)  # o1 was not attached: no prox
     assert reg.summary(as_dict=True)["params"][0]["lr"] is None
+
+
+def test_item3_l2sp_reference_survives_a_replaced_parameter():
+    """θ₀ = the weights at construction, also after load_state_dict(assign=True)."""
+    m = _model(0)
+    w0 = m[0].weight.detach().clone()
+    reg = tr.Regularizer(m, [tr.L2SP(1.0, mode="loss", on=tr.select.name("0.weight"))])
+    new = _model(7).state_dict()
+    m.load_state_dict(new, assign=True)
+    expect = 0.5 * (new["0.weight"] - w0).square().sum()
+    assert torch.allclose(reg.penalty(), expect, rtol=1e-6)
+
+
+def test_item3_l2sp_reference_from_meta_weights_is_taken_from_the_materialized_ones():
+    with torch.device("meta"):
+        m = nn.Linear(4, 3)
+    reg = tr.Regularizer(m, [tr.L2SP(1.0, mode="loss")])
+    m.to_empty(device="cpu")
+    with torch.no_grad():
+        m.weight.fill_(2.0)
+    assert reg.penalty().item() == 0.0  # θ₀ = the materialized weights, not meta garbage
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    assert math.isclose(reg.penalty().item(), 0.5 * 12, rel_tol=1e-6)

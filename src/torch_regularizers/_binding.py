@@ -88,6 +88,7 @@ def own(rule: Rule, owner: Any) -> Rule:
     current = ref() if ref is not None else None
     if current is not None and current is not owner:
         rule = copy.copy(rule)
+        rule._unbind()
     _OWNERS[rule] = weakref.ref(owner)
     return rule
 
@@ -122,11 +123,12 @@ def bind_rules(
     rules: list[Rule],
     names: list[str],
     allow_empty: bool,
+    rebind: bool = False,
 ) -> list[Binding]:
     """Match every parameter rule's selector on ``index`` and bind the rule (activity rules
-    select modules: they get a binding without parameters)."""
+    select modules: they get a binding without parameters). ``rebind``: the rules were bound
+    before and the model's parameters were replaced (``Rule._rebind``)."""
     flat = _dist.fsdp1_managed(model)  # FSDP1 flat parameters: elementwise rules only
-    check = getattr(_select, "check_selectable", None)
     out: list[Binding] = []
     for r, nm in zip(rules, names):
         if isinstance(r, ActivityPenalty):
@@ -140,12 +142,12 @@ def bind_rules(
                 f"{type(model).__name__}; check the selector, or pass allow_empty=True"
                 + _dist.empty_selection_hint(flat)
             )
-        if check is not None:
-            check(nm, infos)
+        _select.check_selectable(nm, infos)
         _check_sparse(r, nm, infos)
         binding = Binding(r, nm, infos)
         _dist.check_flat_params(flat, [binding])
-        r._bind([i.name for i in infos], [i.param for i in infos], [i.module for i in infos])
+        bind = r._rebind if rebind else r._bind
+        bind([i.name for i in infos], [i.param for i in infos], [i.module for i in infos])
         out.append(binding)
     check_prox_conflicts(out, index)
     return out

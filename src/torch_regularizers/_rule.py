@@ -128,6 +128,15 @@ class Rule:
         parametrized module); may raise ``ValueError`` naming the parameters it cannot handle
         (wrong ndim, reference shape, ...)."""
 
+    def _rebind(self, names: list[str], params: list, modules: list | None = None) -> None:
+        """Bind again after the model's parameters were replaced (same contract as
+        :meth:`_bind`); rules with per-parameter state keep what still applies."""
+        self._bind(names, params, modules)
+
+    def _unbind(self) -> None:
+        """Forget per-binding state: called on a copy made for another Regularizer."""
+        self.__dict__.pop("_default_dims", None)
+
     def stats_tensors(self, params: list, strength: float) -> dict:
         """0-d tensors for ``reg.stats()`` (``value``, ``sparsity``, ...), no host sync."""
         return {}

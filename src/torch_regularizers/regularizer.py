@@ -140,7 +140,9 @@ class Regularizer:
         self._index = _select.index(self.model)
         rules = [b.rule for b in self._bindings]
         names = [b.name for b in self._bindings]
-        self._bindings = _binding.bind_rules(self.model, self._index, rules, names, self._allow_empty)
+        self._bindings = _binding.bind_rules(
+            self.model, self._index, rules, names, self._allow_empty, rebind=True
+        )
         self._fingerprint = fp
         for att in [self._manual, *self._live_attachments()]:
             att.rebuild()
