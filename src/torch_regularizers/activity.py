@@ -24,29 +24,40 @@ Modes:
 
 * ``"grad"`` (default): the forward hook registers a tensor hook on the output that adds
   ∂R/∂y to the output's gradient during backward — the same parameter gradients as
-  adding R(y) to the loss, without building any extra graph. The term is added as if
-  R were added to the loss *after* any scaling: with gradient accumulation that divides
-  the loss by k, or with ``GradScaler`` (which multiplies it), use ``mode="loss"`` (or
-  divide λ by k yourself). An output modified in place after the module returns raises
-  at backward (its values are needed there).
-* ``"loss"``: the forward hook computes R(y) with autograd; ``reg.penalty()`` returns (and
-  consumes) the terms accumulated since its last call, so ``loss = crit(...) +
-  reg.penalty()`` per micro-batch counts each forward exactly once, also with gradient
-  accumulation (each micro-batch's term goes with its own loss and scaling). Terms not
-  consumed are dropped after each optimizer step (and by ``reg.advance()``), so an
-  unused forward never keeps its graph alive.
+  adding R(y) to the loss, without building any extra graph. With ``torch.amp.GradScaler``
+  pass it to ``reg.attach(optimizer, scaler=scaler)``: the backward of
+  ``scaler.scale(loss)`` carries S·∂L/∂y, so the term added is S·∂R/∂y (S read on device
+  during backward, no host sync) and ``unscale_`` gives exactly the gradients of the
+  unscaled run. Gradient accumulation that divides the loss by k is not seen by the hook:
+  use ``mode="loss"`` (or divide λ by k yourself). An output modified in place after the
+  module returns raises at backward (its values are needed there).
+* ``"loss"``: the forward hook computes R(y) with autograd; ``reg.penalty()`` returns and
+  consumes the terms of the **latest forward** of each module. Call it after every forward
+  — with gradient accumulation, once per micro-batch: ``loss = crit(...) + reg.penalty()``
+  counts each micro-batch's term exactly once, with its own loss and scaling. A second
+  forward before ``penalty()`` *replaces* the first one's term (its graph is released; a
+  warning says so once): forwards that never reach ``penalty()`` (a validation pass left
+  with autograd on, 500 forwards without a step) hold one forward's graph, not 500 — and
+  two forwards that both need the penalty (two views of a batch) need a ``penalty()`` call
+  after each. A module called several times within one forward of the model (a shared
+  activation, an RNN cell) contributes every call. Terms not consumed are also dropped
+  after each optimizer step (and by ``reg.advance()``).
 
 Hooks act only while autograd is enabled (not under ``torch.no_grad()`` /
 ``inference_mode``, e.g. evaluation) and only on outputs that require grad. They are
 registered when the :class:`~torch_regularizers.Regularizer` is built (so ``"loss"`` mode
 works without an optimizer), removed by ``reg.detach()`` and registered again by
-``reg.attach()``. ``reg.stats()``/``reg.value()`` report the penalty of each module's most
-recent forward.
+``reg.attach()``. They act only for the modules they were registered on: ``copy.deepcopy``
+of the model copies forward hooks, and on the copy they do nothing (build another
+Regularizer for the copy). ``reg.stats()``/``reg.value()`` report the penalty of each
+module's most recent forward.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import warnings
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -220,6 +231,12 @@ class ActivityL1(ActivityPenalty):
     r"""Activity L1: R(y) = λ·Σ|y| / B on the outputs of the selected modules (sparse
     activations). ∂R/∂y = λ·sign(y)/B. See :mod:`torch_regularizers.activity` for ``on=``,
     the modes and the batch normalization (B = ``y.shape[batch_dim]``, Keras' convention).
+
+    ``mode="loss"``: ``reg.penalty()`` holds the term of each module's latest forward only;
+    with gradient accumulation call it after each micro-batch's forward (``loss = crit(...)
+    + reg.penalty()``). A forward whose term was not taken is replaced by the next one
+    (never summed with it). ``mode="grad"`` with ``GradScaler``: ``reg.attach(opt,
+    scaler=scaler)``.
     """
 
     def _act_value(self, y):
@@ -233,6 +250,12 @@ class ActivityL2(ActivityPenalty):
     r"""Activity L2: R(y) = ½·λ·Σy² / B on the outputs of the selected modules.
     ∂R/∂y = λ·y/B. Keras' ``activity_regularizer=l2(k)`` is λ = 2k. See
     :mod:`torch_regularizers.activity`.
+
+    ``mode="loss"``: ``reg.penalty()`` holds the term of each module's latest forward only;
+    with gradient accumulation call it after each micro-batch's forward (``loss = crit(...)
+    + reg.penalty()``). A forward whose term was not taken is replaced by the next one
+    (never summed with it). ``mode="grad"`` with ``GradScaler``: ``reg.attach(opt,
+    scaler=scaler)``.
     """
 
     def _act_value(self, y):
@@ -242,8 +265,46 @@ class ActivityL2(ActivityPenalty):
         return y.clone()
 
 
+def _is_bound(module: nn.Module, ref: weakref.ref) -> bool:
+    """``module`` is the one a hook was registered on, or an ``nn.DataParallel`` replica of it
+    (a shallow copy made per forward that shares its hook dict; ``copy.deepcopy`` makes a new
+    one)."""
+    bound = ref()
+    if module is bound:
+        return True
+    return (
+        bound is not None
+        and getattr(module, "_is_replica", False)
+        and module._forward_hooks is bound._forward_hooks
+    )
+
+
 class ActivityHooks:
-    """The forward hooks of one activity rule on its modules (owned by a Regularizer)."""
+    """The forward hooks of one activity rule on its modules (owned by a Regularizer).
+
+    Args:
+        rule, name: the rule and its name in the Regularizer.
+        modules: ``[(name, module)]`` to hook. They are held weakly and by identity: a hook
+            copied with its module (``copy.deepcopy(model)`` copies forward hooks) does nothing
+            on the copy. ``nn.DataParallel``'s per-forward replicas (which share the module's
+            hook dict) act as the module itself.
+        step_fn: the current step (for scheduled strengths).
+        scale_fn: ``None`` or a callable returning ``None`` (no scaling) or the current
+            ``GradScaler`` scale S (a float or a 0-d tensor, read without a host sync); it is
+            called during backward, and grad-mode terms are multiplied by S, since they join an
+            output gradient that the scaled loss has already multiplied by S.
+        root: the model. A forward of ``root`` (with autograd enabled) is one *forward*: the
+            terms of a module called several times in it (a shared activation, an RNN cell)
+            are summed, and it replaces every loss-mode term still pending from an earlier
+            forward. Without ``root`` each call of a module is its own forward.
+
+    Loss mode keeps at most the terms of the latest forward per module (``pending``,
+    ``(module index, output device)`` -> term; one key per device for ``nn.DataParallel``
+    replicas): a new forward of a module replaces its term not yet taken by
+    :meth:`pop_pending` (a warning says so once), so forwards that never reach ``penalty()``
+    do not pile up graphs. ``last`` (same keys) holds the detached values of the latest
+    forward, for ``value()``/``stats()``.
+    """
 
     def __init__(
         self,
@@ -251,29 +312,61 @@ class ActivityHooks:
         name: str,
         modules: list[tuple[str, nn.Module]],
         step_fn: Callable[[], int],
+        scale_fn: Callable[[], Any] | None = None,
+        root: nn.Module | None = None,
     ) -> None:
         self.rule = rule
         self.name = name
-        self.modules = modules
+        self._names = [n for n, _ in modules]
+        self._refs = [weakref.ref(m) for _, m in modules]
+        self._root = weakref.ref(root) if root is not None else None
         self.step_fn = step_fn
-        self.pending: list[Tensor] = []  # loss mode: differentiable terms not consumed yet
-        self.last: dict[int, Tensor] = {}  # module index -> detached value of its latest forward
+        self.scale_fn = scale_fn
+        # loss mode: (module index, device) -> differentiable term of its latest forward, not
+        # taken yet; last: -> detached value of its latest forward (both modes)
+        self.pending: dict[tuple[int, torch.device], Tensor] = {}
+        self.last: dict[tuple[int, torch.device], Tensor] = {}
+        self._gen: dict[tuple[int, torch.device], int | None] = {}  # the forward they came from
+        self._forward = 0  # root forwards with autograd enabled, so far
+        self._depth = 0  # root forwards in progress (nested calls of the root count once)
+        self._warned = False
         self.handles: list[Any] = []
+
+    @property
+    def modules(self) -> list[tuple[str, nn.Module]]:
+        """``[(name, module)]`` of the hooked modules still alive."""
+        return [(n, m) for n, r in zip(self._names, self._refs) if (m := r()) is not None]
 
     def register(self) -> None:
         if self.handles:
             return
-        for i, (mname, m) in enumerate(self.modules):
-            self.handles.append(m.register_forward_hook(self._make_hook(i, mname)))
+        for i, (mname, ref) in enumerate(zip(self._names, self._refs)):
+            m = ref()
+            if m is not None:
+                self.handles.append(m.register_forward_hook(self._make_hook(i, mname, ref)))
+        root = self._root() if self._root is not None else None
+        if root is not None:
+            # plain closures, not bound methods: deepcopy copies a bound method's object
+            def root_pre(module: nn.Module, args: Any) -> None:
+                self._root_pre(module)
+
+            def root_post(module: nn.Module, args: Any, output: Any) -> None:
+                self._root_post(module)
+
+            self.handles.append(root.register_forward_pre_hook(root_pre))
+            self.handles.append(root.register_forward_hook(root_post, always_call=True))
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
         self.pending.clear()
+        self._depth = 0
 
     def pop_pending(self) -> list[Tensor]:
-        out, self.pending = self.pending, []
+        """The pending loss-mode terms (the latest forward of each module), consumed."""
+        out = list(self.pending.values())
+        self.pending.clear()
         return out
 
     def _lam(self) -> float:
@@ -282,29 +375,74 @@ class ActivityHooks:
             r.strength_at(self.step_fn(), self.name) if callable(r.strength) else float(r.strength)
         )
 
-    def _make_hook(self, i: int, mname: str):
+    # ------------------------------------------------------------------ forwards of the root
+    def _root_pre(self, module: nn.Module) -> None:
+        if self._root is None or module is not self._root():
+            return  # a copy of the model (deepcopy copies hooks): not ours
+        self._depth += 1
+        if self._depth == 1 and torch.is_grad_enabled():
+            self._forward += 1
+            if self.pending and self.rule.mode == "loss":
+                self._replaced()
+                self.pending.clear()
+
+    def _root_post(self, module: nn.Module) -> None:
+        if self._root is not None and module is self._root():
+            self._depth = max(0, self._depth - 1)
+
+    def _current(self) -> int | None:
+        """The forward a module call belongs to: the root forward in progress, else None."""
+        return self._forward if self._depth > 0 else None
+
+    def _replaced(self) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        warnings.warn(
+            f"activity rule {self.name!r} (mode='loss'): a forward ran before reg.penalty() "
+            "took the terms of the previous one; only the latest forward's terms are kept. "
+            "Call reg.penalty() after every forward (per micro-batch), or run forwards that "
+            "need no penalty under torch.no_grad()",
+            stacklevel=2,
+        )
+
+    # ------------------------------------------------------------------ hooks
+    def _make_hook(self, i: int, mname: str, ref: weakref.ref):
         rule = self.rule
 
         def forward_hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not _is_bound(module, ref):
+                return  # a copy of the bound module (deepcopy copies hooks): not ours
             if not torch.is_grad_enabled():
                 return
             ys = [y for y in _tensors(output) if y.requires_grad]
             if not ys:
                 return
             lam = self._lam()
+            key = (i, ys[0].device)
+            gen = self._current()
+            same = gen is not None and self._gen.get(key, -1) == gen  # another call, same forward
+            self._gen[key] = gen
             if rule.mode == "loss":
                 v = rule._value(ys[0], lam)
                 for y in ys[1:]:
                     v = v + rule._value(y, lam)
-                self.pending.append(v)
-                self.last[i] = v.detach()
+                old = self.pending.get(key)
+                if old is not None and same:
+                    v = old + v
+                elif old is not None:
+                    self._replaced()
+                self.pending[key] = v
+                self.last[key] = v.detach()
                 return
             with torch.no_grad():
-                self.last[i] = sum(rule._value(y.detach(), lam) for y in ys)  # type: ignore[assignment]
+                val = sum(rule._value(y.detach(), lam) for y in ys)
+                old_val = self.last.get(key) if same else None
+                self.last[key] = val if old_val is None else old_val + val  # type: ignore[assignment]
             if lam == 0:
                 return
             for y in ys:
-                self._add_grad_hook(y, lam, mname)
+                self._add_grad_hook(y, lam, mname or type(module).__name__)
 
         return forward_hook
 
@@ -318,14 +456,22 @@ class ActivityHooks:
             if d._version != version:
                 raise RuntimeError(
                     f"activity rule {self.name!r} (mode='grad'): the output of module "
-                    f"{mname or type(self.modules[0][1]).__name__!r} was modified in place after "
+                    f"{mname!r} was modified in place after "
                     "the module returned, so its penalty gradient cannot be computed; avoid the "
                     "in-place op (e.g. inplace=True) or use mode='loss'"
                 )
             if y_is_leaf and handle is not None:
                 handle.remove()  # a leaf keeps its hooks across iterations: fire once
             with torch.no_grad():
-                return rule._grad(d, lam).to(g.dtype).add_(g)
+                t = rule._grad(d, lam)
+                scale = self.scale_fn() if self.scale_fn is not None else None
+                if scale is not None:  # GradScaler: g is S·∂L/∂y, so the term is S·∂R/∂y
+                    if t.dtype in (torch.float16, torch.bfloat16):
+                        t = t.float()  # S·∂R/∂y in fp32, rounded once below
+                    if isinstance(scale, Tensor) and scale.device != t.device:
+                        scale = scale.to(t.device)
+                    t = t.mul_(scale)
+                return t.to(g.dtype).add_(g)
 
         y_is_leaf = y.grad_fn is None
         handle = y.register_hook(tensor_hook)

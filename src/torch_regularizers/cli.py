@@ -116,7 +116,7 @@ def load_config(path: str) -> Any:
 
     try:
         cfg = _load(path)
-    except (OSError, UnicodeDecodeError, ImportError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ImportError, ValueError, RecursionError) as e:
         raise CLIError(f"cannot read config {path}: {_exc(e)}") from None
     if cfg is None:
         raise CLIError(f"config {path} is empty")

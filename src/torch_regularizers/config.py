@@ -34,6 +34,12 @@ The other keys of a rule are the arguments of its class (``strength``/``alpha``,
 are (YAML 1.1 reads ``1e-4`` as a string), and a key read as ``true`` is ``on`` (YAML 1.1 reads
 ``on:`` as a boolean). Unknown keys, unknown types and bad values raise
 ``ValueError`` with the key's path (``rules[1].strength``). A config never imports code.
+
+Nesting is bounded: a config nested more than ``MAX_DEPTH`` (64) containers deep (a real one
+is a few levels: ``rules[0].on.not.name``), or one that contains itself (a YAML alias to its
+own anchor), raises ``ValueError`` naming the key path where the limit is crossed. Files are
+checked before they are parsed into objects, so a 5000-deep file is a ``ValueError``, never a
+``RecursionError``.
 """
 
 from __future__ import annotations
@@ -52,13 +58,131 @@ from . import schedules as _schedules
 from . import select as _select
 from ._rule import Rule
 
-__all__ = ["from_config", "load_config", "parse_selector", "rule_types", "selector_to_config", "to_config"]
+__all__ = [
+    "MAX_DEPTH",
+    "check_depth",
+    "from_config",
+    "load_config",
+    "parse_selector",
+    "rule_types",
+    "selector_to_config",
+    "to_config",
+]
 
 TOP_KEYS = ("rules", "allow_empty", "impl")
 SELECTOR_KEYS = ("preset", "name", "regex", "modules", "within", "any", "all", "not")
 _ABSTRACT = {"Rule", "Penalty", "Constraint", "FnPenalty"}  # FnPenalty needs code
 _NUMERIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _STRENGTH_ARGS = ("strength", "alpha")
+MAX_DEPTH = 64  # containers (mappings, lists) from the top of a config to its deepest value
+
+
+# --------------------------------------------------------------------------- nesting depth
+
+
+def _key_path(parts: Any) -> str:
+    """``("rules", 0, "on")`` -> ``rules[0].on`` (the form every error of this module uses); a
+    run of more than 3 equal parts is written once with its count: ``on(.not x 61)``."""
+    segs: list[str] = []
+    for k in parts:
+        if k is True:  # YAML 1.1 reads the key `on:` as true (see the module docstring)
+            k = "on"
+        if isinstance(k, int) and not isinstance(k, bool):
+            segs.append(f"[{k}]")
+        else:
+            segs.append(f".{k}")
+    out, i = "", 0
+    while i < len(segs):
+        j = i
+        while j < len(segs) and segs[j] == segs[i]:
+            j += 1
+        out += segs[i] * (j - i) if j - i <= 3 else f"({segs[i]} x {j - i})"
+        i = j
+    return out.removeprefix(".") or "(top level)"
+
+
+def _too_deep(parts: Any, where: str = "") -> ValueError:
+    return ValueError(
+        f"{where}{_key_path(parts)}: the config is nested more than {MAX_DEPTH} levels deep "
+        "(or contains itself); a regularizer config needs a few levels"
+    )
+
+
+def check_depth(data: Any, where: str = "") -> None:
+    """Raise ``ValueError`` naming the key path if ``data`` nests more than ``MAX_DEPTH``
+    mappings/lists (a cycle nests without end). Iterative: never a ``RecursionError``; a
+    container shared at several places is walked again only where it sits deeper."""
+    checked: dict[int, int] = {}  # id -> deepest level at which the container was (being) walked
+    todo: list[tuple[Any, tuple]] = [(data, ())]
+    while todo:
+        node, path = todo.pop()
+        if isinstance(node, dict):
+            items: Any = node.items()
+        elif isinstance(node, (list, tuple)):
+            items = enumerate(node)
+        else:
+            continue
+        depth = len(path) + 1
+        if depth > MAX_DEPTH:
+            raise _too_deep(path, where)
+        if checked.get(id(node), 0) >= depth:
+            continue  # already walked at this level or deeper: nothing new can exceed the bound
+        checked[id(node)] = depth
+        todo.extend((v, (*path, k)) for k, v in reversed(list(items)))
+
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|[{}\[\],]')
+
+
+def _check_json_depth(text: str, where: str) -> None:
+    """The nesting bound on JSON text, before ``json.loads`` (which recurses per level)."""
+    stack: list[list[Any]] = []  # per open container: [kind, current key or index]
+    want_key = False
+    for m in _JSON_TOKEN.finditer(text):
+        t = m.group()
+        if t[0] == '"':
+            if want_key and stack and stack[-1][0] == "{":
+                try:
+                    stack[-1][1] = json.loads(t)
+                except ValueError:
+                    stack[-1][1] = t[1:-1]
+            want_key = False
+        elif t in "{[":
+            stack.append([t, "?" if t == "{" else 0])
+            if len(stack) > MAX_DEPTH:
+                raise _too_deep([f[1] for f in stack[:-1]], where)
+            want_key = t == "{"
+        elif t in "}]":
+            if stack:
+                stack.pop()
+            want_key = False
+        elif stack:  # ","
+            if stack[-1][0] == "[":
+                stack[-1][1] += 1
+            else:
+                want_key = True
+
+
+def _check_yaml_depth(text: str, where: str, yaml: Any) -> None:
+    """The nesting bound on YAML text, from its event stream (PyYAML's parser is iterative;
+    its composer, used by ``safe_load``, recurses per level)."""
+    stack: list[list[Any]] = []  # per open node: [is_mapping, current key or index, children]
+    node_events = (yaml.ScalarEvent, yaml.AliasEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent)
+    for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(ev, node_events):
+            if stack:
+                f = stack[-1]
+                if not f[0]:
+                    f[1] = f[2]
+                elif f[2] % 2 == 0:  # a mapping's children alternate key, value
+                    f[1] = ev.value if isinstance(ev, yaml.ScalarEvent) else "?"
+                f[2] += 1
+            if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                stack.append([isinstance(ev, yaml.MappingStartEvent), "?", 0])
+                if len(stack) > MAX_DEPTH:
+                    raise _too_deep([f[1] for f in stack[:-1]], where)
+        elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            stack.pop()
 
 
 # --------------------------------------------------------------------------- loading
@@ -66,7 +190,7 @@ _STRENGTH_ARGS = ("strength", "alpha")
 
 def load_config(cfg: Any) -> Any:
     """A dict as is; a path (``str``/``Path``) ending in ``.yaml``/``.yml`` (``yaml.safe_load``)
-    or ``.json`` is read."""
+    or ``.json`` is read. Either way nesting deeper than ``MAX_DEPTH`` raises ``ValueError``."""
     if isinstance(cfg, (str, os.PathLike)):
         path = Path(cfg)
         if not path.is_file():
@@ -81,15 +205,25 @@ def load_config(cfg: Any) -> Any:
                     "reading a YAML config needs PyYAML: pip install 'torch-regularizers[yaml]'"
                 ) from None
             try:
-                return yaml.safe_load(text)
+                _check_yaml_depth(text, f"{path}: ", yaml)
+                data = yaml.safe_load(text)
             except yaml.YAMLError as e:
                 raise ValueError(f"{path}: invalid YAML: {e}") from None
-        if suffix == ".json":
+            except RecursionError:  # pragma: no cover - _check_yaml_depth comes first
+                raise _too_deep((), f"{path}: ") from None
+        elif suffix == ".json":
+            _check_json_depth(text, f"{path}: ")
             try:
-                return json.loads(text)
+                data = json.loads(text)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: invalid JSON: {e}") from None
-        raise ValueError(f"{path}: a config file must end in .yaml, .yml or .json")
+            except RecursionError:  # pragma: no cover - _check_json_depth comes first
+                raise _too_deep((), f"{path}: ") from None
+        else:
+            raise ValueError(f"{path}: a config file must end in .yaml, .yml or .json")
+        check_depth(data, f"{path}: ")  # YAML aliases nest without nesting the text
+        return data
+    check_depth(cfg)
     return cfg
 
 
