@@ -463,14 +463,184 @@ def test_item3_l2sp_reference_survives_a_replaced_parameter():
     assert torch.allclose(reg.penalty(), expect, rtol=1e-6)
 
 
-def test_item3_l2sp_reference_from_meta_weights_is_taken_from_the_materialized_ones():
+def test_item3_l2sp_default_reference_of_meta_weights_is_refused():
+    """θ₀ would be read from uninitialized memory after to_empty(): refuse, say what to do."""
     with torch.device("meta"):
         m = nn.Linear(4, 3)
-    reg = tr.Regularizer(m, [tr.L2SP(1.0, mode="loss")])
-    m.to_empty(device="cpu")
-    with torch.no_grad():
-        m.weight.fill_(2.0)
-    assert reg.penalty().item() == 0.0  # θ₀ = the materialized weights, not meta garbage
-    with torch.no_grad():
-        m.weight.add_(1.0)
-    assert math.isclose(reg.penalty().item(), 0.5 * 12, rel_tol=1e-6)
+    with pytest.raises(ValueError, match=r"meta device.*weight.*after to_empty"):
+        tr.Regularizer(m, [tr.L2SP(1.0, mode="loss")])
+    tr.Regularizer(m, [tr.L2SP(1.0, mode="loss", reference={"weight": torch.zeros(3, 4)})])
+
+
+# ------------------------------------------------------------------ found by the adversarial review
+@pytest.mark.parametrize("mode", ["grad", "decoupled"])
+def test_item5_retry_with_two_rules_on_one_parameter(mode):
+    """L2 + L1 on the same weight: the retry must not re-apply the first rule (its record
+    is per tensor after the whole phase, not per rule)."""
+    torch.manual_seed(0)
+    w0 = torch.randn(3, 4)
+    lr, l2, l1 = 0.1, 0.5, 0.2
+
+    def run(fail):
+        m = nn.Linear(4, 3, bias=False)
+        with torch.no_grad():
+            m.weight.copy_(w0)
+        opt = torch.optim.SGD(m.parameters(), lr=lr)
+        tr.Regularizer(m, [tr.L2(l2, mode=mode), tr.L1(l1, mode=mode)]).attach(opt)
+        if fail:
+            opt.register_step_pre_hook(_FailOnce())
+        m.weight.grad = torch.zeros_like(w0)
+        if fail:
+            with pytest.raises(RuntimeError):
+                opt.step()
+        opt.step()
+        return m.weight.detach()
+
+    # written out: grad mode θ − lr(λ₂θ + λ₁ sign θ); decoupled θ − lr·λ₂θ − lr·λ₁ sign(θ')
+    if mode == "grad":
+        expect = w0 - lr * (l2 * w0 + l1 * torch.sign(w0))
+    else:
+        a = w0 - lr * l2 * w0
+        expect = a - lr * l1 * torch.sign(a)
+    assert torch.allclose(run(False), expect, rtol=0, atol=1e-6)  # the L1 term alone is 0.02
+    assert torch.equal(run(True), run(False))
+
+
+def test_same_optimizer_twice_in_one_attach_applies_once():
+    m = _model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    reg = tr.Regularizer(m, [tr.L2(0.1, mode="decoupled")])
+    reg.attach(opt, opt)
+    w = m[0].weight.detach().clone()
+    _grads(m)
+    opt.step()
+    assert torch.equal(m[0].weight, w * (1 - 0.1 * 0.1))
+    assert len(reg.state_dict()["optimizers"]) == 1
+
+
+def test_failed_load_changes_nothing():
+    m = _model()
+    reg = tr.Regularizer(m, [tr.L2(0.1, name="l2"), tr.L2SP(0.1, name="sp")])
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    reg.attach(opt)
+    _grads(m)
+    opt.step()
+    sd = reg.state_dict()
+    sd["optimizers"][0]["steps"] = 77
+    sd["strengths"]["l2"] = 0.5
+    sd["rules"]["sp"]["reference"] = {"0.weight": torch.zeros(2, 2), "1.weight": torch.zeros(2, 3)}
+    with pytest.raises(ValueError, match=r"rules\['sp'\].*shape"):
+        reg.load_state_dict(sd)
+    assert reg.step == 1 and reg.rules["l2"].strength == 0.1
+
+
+@pytest.mark.parametrize(("key", "value"), [("strengths", {"l2": "abc"}), ("strengths", {"l2": {"schedule": {"kind": "nope"}}})])
+def test_bad_saved_strength_is_a_value_error_naming_the_rule(key, value):
+    m = _model()
+    reg = tr.Regularizer(m, [tr.L2(0.1, name="l2")])
+    sd = reg.state_dict()
+    sd[key] = value
+    with pytest.raises(ValueError, match=r"strengths\['l2'\]"):
+        reg.load_state_dict(sd)
+    assert reg.rules["l2"].strength == 0.1
+
+
+def test_unknown_top_level_key_in_state_raises():
+    reg = tr.Regularizer(_model(), [tr.L2(0.1)])
+    sd = reg.state_dict()
+    sd["stpes"] = 3
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['stpes'\]"):
+        reg.load_state_dict(sd)
+
+
+def test_loaded_count_wins_when_the_detached_optimizer_is_attached_again():
+    m = _model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    reg = tr.Regularizer(m, [tr.L2(0.1, mode="decoupled")]).attach(opt)
+    for _ in range(3):
+        _grads(m)
+        opt.step()
+    sd = reg.state_dict()
+    sd["optimizers"][0]["steps"] = 100
+    reg.detach()
+    reg.load_state_dict(sd)
+    reg.attach(opt)
+    assert reg.step == 100
+    assert [e["steps"] for e in reg.state_dict()["optimizers"]] == [100]
+
+
+def test_switching_optimizers_without_detach_raises():
+    m = _model()
+    reg = tr.Regularizer(m, [tr.L2(0.1, mode="decoupled")])
+    sgd = torch.optim.SGD(m.parameters(), lr=0.1)
+    reg.attach(sgd)
+    adam = torch.optim.Adam(m.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"detach\(\) first"):
+        reg.attach(adam)
+    reg.detach()
+    reg.attach(adam)
+    assert reg.step == 0
+
+
+def test_rewired_param_groups_are_followed():
+    m = nn.Linear(4, 3, bias=False)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    tr.Regularizer(m, [tr.L2(0.1, mode="decoupled")]).attach(opt)
+    m.load_state_dict({"weight": torch.ones(3, 4)}, assign=True)
+    opt.param_groups[0]["params"] = list(m.parameters())
+    m.weight.grad = torch.zeros(3, 4)
+    opt.step()
+    assert torch.equal(m.weight.detach(), torch.full((3, 4), 1 - 0.5 * 0.1))
+
+
+def test_param_group_added_after_attach_counts_for_the_overlap_check():
+    m = _model()
+    m[1].requires_grad_(False)
+    opt = torch.optim.SGD(m[0].parameters(), lr=0.1)
+    a = tr.Regularizer(m, [tr.L2(0.1, mode="decoupled", on=tr.select.all)]).attach(opt)
+    m[1].requires_grad_(True)  # progressive unfreezing
+    opt.add_param_group({"params": list(m[1].parameters())})
+    with pytest.raises(ValueError, match="another Regularizer"):
+        tr.Regularizer(m, [tr.L2(0.1, mode="decoupled", on=tr.select.name("1.weight"))]).attach(opt)
+    w = m[1].weight.detach().clone()
+    _grads(m)
+    opt.step()
+    assert torch.equal(m[1].weight, w * (1 - 0.1 * 0.1))  # once, by the first regularizer
+    assert a.step == 1
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan")])
+def test_negative_or_nan_tensor_lr_applies_nothing_and_stays_finite(bad):
+    m = nn.Linear(4, 3, bias=False)
+    opt = torch.optim.SGD(m.parameters(), lr=torch.tensor(0.1))
+    reg = tr.Regularizer(m, [tr.L2(2.0, mode="prox")]).attach(opt)
+    w = m.weight.detach().clone()
+    reg.apply_prox(lr=torch.tensor(bad))  # 1/(1 + lr·λ) with lr = −0.5, λ = 2 would be inf
+    assert torch.equal(m.weight.detach(), w)
+
+
+def test_manual_apply_leaves_frozen_parameters_alone():
+    m = _model()
+    m[0].weight.requires_grad_(False)
+    reg = tr.Regularizer(m, [tr.L2(0.5, mode="decoupled")])
+    w0, w1 = m[0].weight.detach().clone(), m[1].weight.detach().clone()
+    reg.apply_decoupled(lr=0.1)
+    assert torch.equal(m[0].weight, w0)
+    assert torch.equal(m[1].weight, w1 * (1 - 0.1 * 0.5))
+
+
+def test_resume_under_another_name_warns():
+    m = _model()
+    reg = tr.Regularizer(m, [tr.L2(0.1)])
+    reg.attach(torch.optim.SGD(m.parameters(), lr=0.1))
+    sd = reg.state_dict()
+    reg2 = tr.Regularizer(_model(), [tr.L2(0.1)])
+    reg2.load_state_dict(sd)
+    with pytest.warns(UserWarning, match=r"none for this SGD \(name 'main'\)"):
+        reg2.attach(torch.optim.SGD(reg2.model.parameters(), lr=0.1), names="main")
+
+
+def test_same_rule_instance_twice_in_one_list_raises():
+    r = tr.L2(0.1)
+    with pytest.raises(ValueError, match=r"rules\[0\] and rules\[1\] are the same L2 instance"):
+        tr.Regularizer(_model(), [r, r])

@@ -17,11 +17,14 @@ The order of operations of one optimizer step, in one place (docs/design.md §3)
 c = lr·λ (``lr_coupling="lr"``), λ·lr/lr₀ (``"lr_ratio"``, lr₀ = the scheduler's
 ``initial_lr``, else the first nonzero lr seen; 0 until known) or λ (``"none"``).
 
-In optimizer steps only trainable parameters with a gradient take part (like torch).
-A step that raises between its pre-hook and its post-hook is *open*: when ``step()`` is
-called again, gradients and parameters the open step already regularized and that nobody
-touched since (same tensor, same version counter) are not regularized again, so a retried
-step gives exactly what one step gives.
+In optimizer steps only trainable parameters with a gradient take part (like torch);
+manual ``apply_decoupled``/``apply_prox`` take every trainable selected parameter, with or
+without a gradient. A step that raises between its pre-hook and its post-hook is *open*:
+when ``step()`` is called again, gradients and parameters the open step's grad/decoupled
+phase already handled and that nobody touched since (same tensor, same version counter
+as after that phase) are not regularized again, so a retried step gives exactly what one
+step gives. A tensor lr is not checked on the host (that would sync): a negative or
+non-finite one gives c = 0.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -74,8 +77,6 @@ class Bucket:
     params: list[nn.Parameter]
     #: DTensor (FSDP2) parameters of an elementwise rule: kernels run on the local shards
     local: bool = False
-    #: what the open step did: (tensor, version after our update) per gradient or parameter
-    done: list[tuple[Tensor, int]] = field(default_factory=list)
 
     def live(self) -> tuple[list[Tensor], list[Tensor]]:
         """Parameters that take part in an optimizer step (trainable, with a gradient), and grads."""
@@ -86,6 +87,10 @@ class Bucket:
                 ps.append(p)
                 gs.append(g)
         return ps, gs
+
+    def trainable(self) -> list[Tensor]:
+        """Manual use: every trainable parameter, with or without a gradient."""
+        return [p for p in self.params if p.requires_grad]
 
 
 @dataclass
@@ -100,9 +105,9 @@ class Plan:
 
 
 def _groups_sig(opt: torch.optim.Optimizer) -> tuple:
-    """Identity of an optimizer's param groups and their sizes (changes on add_param_group
-    and load_state_dict)."""
-    return tuple((id(g), len(g["params"])) for g in opt.param_groups)
+    """Identity of an optimizer's param groups, their params lists and sizes (changes on
+    add_param_group, load_state_dict and ``group["params"] = [...]``)."""
+    return tuple((id(g), id(g["params"]), len(g["params"])) for g in opt.param_groups)
 
 
 def _is_zero(v: Any) -> bool:
@@ -138,6 +143,8 @@ class Attachment:
         self.groups_sig: tuple = ()
         self.plan: Plan | None = None
         self.open = False  # a step's pre-hook ran and its post-hook did not (it raised)
+        #: what the open step changed, per phase: id -> (tensor, its version after the phase)
+        self.done: dict[str, dict[int, tuple[Tensor, int]]] = {}
         self.on_step_end: Callable[[], None] = lambda: None
         self.rebuild()
 
@@ -223,7 +230,9 @@ class Attachment:
         return None
 
     def _post_hook(self, opt, args, kwargs):
-        plan = self.plan if self.plan is not None else self.validate()
+        plan = self.plan
+        if plan is None:  # attached during this step: its pre-hook did not run
+            return
         self.after_update(plan)
         self.count(plan.found_inf)
         self.plan, self.open = None, False
@@ -334,7 +343,11 @@ class Attachment:
                     "to apply_decoupled()/apply_prox()"
                 )
             lr = bk.group["lr"]
-        if not isinstance(lr, Tensor) and (math.isnan(lr) or lr < 0):
+        if isinstance(lr, Tensor):
+            # checking a tensor lr would cost a host sync (and break CUDA graphs): a negative
+            # or non-finite one gives c = 0 instead (nothing applied), on device
+            lr = torch.where(torch.isfinite(lr) & (lr >= 0), lr, torch.zeros_like(lr))
+        elif math.isnan(lr) or lr < 0:
             raise ValueError(
                 f"rule {bk.binding.name!r} at step {step}: the learning rate is {lr!r}; "
                 f"lr_coupling={coupling!r} needs lr >= 0 (a negative lr would move the weights "
@@ -370,39 +383,56 @@ class Attachment:
 
     def grad_phase(self, plan: Plan, *, retry: bool = False) -> None:
         """g ← g + s·∇R(θ) for trainable parameters with a gradient."""
+        skip = self._already_done("grad") if retry else set()
+        touched: list[Tensor] = []
         with torch.no_grad():
             for bk in self.buckets["grad"]:
-                all_ps, all_gs = bk.live()
-                ps, gs = _untouched(bk, all_ps, all_gs) if retry else (all_ps, all_gs)
-                if not ps:
-                    continue
+                ps, gs = bk.live()
+                touched += gs
+                if skip:
+                    keep = [i for i, g in enumerate(gs) if id(g) not in skip]
+                    ps, gs = [ps[i] for i in keep], [gs[i] for i in keep]
                 lam = plan.lam[bk.binding.name]
-                if lam != 0:
-                    local_ps, local_gs = (_dist.locals_(ps), _dist.locals_(gs)) if bk.local else (ps, gs)
-                    scale: Any = -1.0 if bk.group is not None and bk.group.get("maximize", False) else 1.0
-                    if plan.grad_scale is not None:
-                        scale = plan.grad_scale.to(ps[0].device) * scale
-                    bk.binding.rule.grad_(local_ps, local_gs, lam, scale, impl=self.impl)
-                bk.done = [(g, g._version) for g in all_gs]
+                if not ps or lam == 0:
+                    continue
+                if bk.local:
+                    ps, gs = _dist.locals_(ps), _dist.locals_(gs)
+                scale: Any = -1.0 if bk.group is not None and bk.group.get("maximize", False) else 1.0
+                if plan.grad_scale is not None:
+                    scale = plan.grad_scale.to(ps[0].device) * scale
+                bk.binding.rule.grad_(ps, gs, lam, scale, impl=self.impl)
+        self._record("grad", touched)
 
     def decoupled_phase(self, plan: Plan, *, retry: bool = False, live: bool = True) -> None:
         """θ ← θ − c·∇R(θ); ``live``: only parameters taking part in an optimizer step."""
+        skip = self._already_done("decoupled") if retry else set()
+        touched: list[Tensor] = []
         with torch.no_grad():
             for bk in self.buckets["decoupled"]:
-                all_ps = bk.live()[0] if live else list(bk.params)
-                ps = _untouched(bk, all_ps, all_ps)[0] if retry else all_ps
-                if not ps:
-                    continue
+                ps = bk.live()[0] if live else bk.trainable()
+                touched += ps
+                if skip:
+                    ps = [p for p in ps if id(p) not in skip]
                 lam = plan.lam[bk.binding.name]
-                if lam != 0:
+                if ps and lam != 0:
                     self._update(bk, "decay", ps, lam, self._masked(plan, bk))
-                bk.done = [(p, p._version) for p in all_ps]
+        if live:
+            self._record("decoupled", touched)
+
+    def _record(self, phase: str, tensors: list[Tensor]) -> None:
+        """Remember the version of every tensor a phase handled, after the whole phase (two
+        rules on one tensor bump its version twice)."""
+        self.done[phase] = {id(t): (t, t._version) for t in tensors}
+
+    def _already_done(self, phase: str) -> set[int]:
+        """ids of the tensors the open step's ``phase`` handled and nobody touched since."""
+        return {i for i, (t, v) in self.done.get(phase, {}).items() if t._version == v}
 
     def prox_phase(self, plan: Plan, *, live: bool = True) -> None:
         """θ ← prox_{c·R}(θ)."""
         with torch.no_grad():
             for bk in self.buckets["prox"]:
-                ps = bk.live()[0] if live else list(bk.params)
+                ps = bk.live()[0] if live else bk.trainable()
                 lam = plan.lam[bk.binding.name]
                 if ps and lam != 0:
                     self._update(bk, "prox", ps, lam, self._masked(plan, bk))
@@ -411,7 +441,7 @@ class Attachment:
         """θ ← Π(θ) (masked by ``found_inf`` on device)."""
         with torch.no_grad():
             for bk in self.buckets["constraint"]:
-                ps = bk.live()[0] if live else list(bk.params)
+                ps = bk.live()[0] if live else bk.trainable()
                 if ps:
                     if bk.local:
                         ps = _dist.locals_(ps)
@@ -459,24 +489,13 @@ class Attachment:
                 ref(p, lam, step_p)
 
     def _forget(self) -> None:
-        for bks in self.buckets.values():
-            for bk in bks:
-                bk.done = []
+        self.done = {}
 
     # ------------------------------------------------------------------ values
     def mode_value(self, mode: str, step: int) -> Tensor:
         """Σ R(θ) of the rules of ``mode`` in this attachment (LBFGS: the closure's loss)."""
         seen: dict[int, Binding] = {id(bk.binding): bk.binding for bk in self.buckets[mode]}
         return sum_values([binding_value(b, b.rule.strength_at(step, b.name)) for b in seen.values()])
-
-
-def _untouched(bk: Bucket, ps: list[Tensor], ts: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-    """Drop the (p, t) the open step already handled: same tensor ``t``, same version."""
-    if not bk.done:
-        return ps, ts
-    done = {id(t): v for t, v in bk.done}
-    keep = [(p, t) for p, t in zip(ps, ts) if done.get(id(t)) != t._version]
-    return [p for p, _ in keep], [t for _, t in keep]
 
 
 def _ratio(num: Any, den: Any) -> Any:

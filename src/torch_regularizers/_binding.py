@@ -70,6 +70,13 @@ def normalize_rules(rules: Any, allow_empty: bool) -> list[Rule]:
                 f"rules[{i}] must be a penalty or constraint (e.g. tr.L2(1e-4)), "
                 f"got {type(r).__name__}"
             )
+    for i, r in enumerate(out):
+        j = next((j for j in range(i) if out[j] is r), None)
+        if j is not None:
+            raise ValueError(
+                f"rules[{j}] and rules[{i}] are the same {type(r).__name__} instance: it would "
+                "apply twice. Pass it once (or two instances, with distinct name=)"
+            )
     if not out and not allow_empty:
         raise ValueError(
             "rules is empty: a Regularizer without rules does nothing; pass at least one rule "

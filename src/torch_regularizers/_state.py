@@ -23,6 +23,8 @@ __all__ = ["VERSION", "check_entry", "check_rule_state", "take_entry"]
 #: 3: entries carry ``name``; ``kinds`` records each rule's class
 VERSION = 3
 _KNOWN = (1, 2, 3)
+#: top-level keys of a saved state (``steps``: the first format's list of counts)
+KEYS = frozenset({"version", "optimizers", "steps", "manual_steps", "strengths", "rules", "kinds"})
 
 
 def check_version(state: dict[str, Any]) -> int:

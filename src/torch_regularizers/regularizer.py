@@ -21,6 +21,7 @@ attached optimizer with its hooks and step transaction (``_attachment``), report
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -123,9 +124,13 @@ class Regularizer:
                 self._bind_activity(b)
 
     def _new_attachment(self, opt: torch.optim.Optimizer | None, name: str | None = None) -> Attachment:
-        return Attachment(
-            lambda: self._bindings, opt, name=name, impl=self.impl, has_schedule=self._has_schedule
-        )
+        return Attachment(self._synced_bindings, opt, name=name, impl=self.impl, has_schedule=self._has_schedule)
+
+    def _synced_bindings(self) -> list[_binding.Binding]:
+        """The bindings, bound again first if the model's parameters were replaced (an
+        attachment rebuilding its buckets after its param groups changed asks for them)."""
+        self._sync()
+        return self._bindings
 
     def _has_schedule(self) -> bool:
         return any(callable(b.rule.strength) for b in self._bindings if isinstance(b.rule, Penalty))
@@ -187,36 +192,53 @@ class Regularizer:
         for n in names_l:
             if n is not None and (not isinstance(n, str) or not n):
                 raise ValueError(f"attach(): names must be non-empty strings, got {n!r}")
+        pairs: list[tuple[torch.optim.Optimizer, str | None]] = []
+        for o, n in zip(opts, names_l):  # one optimizer given twice (or with its wrapper): once
+            if not any(o is q for q, _ in pairs):
+                pairs.append((o, n))
         self._sync()
-        self._attachments = self._live_attachments()
-        current = {id(a.opt) for a in self._attachments}
-        new = [(o, n) for o, n in zip(opts, names_l) if id(o) not in current]
-        taken = [a.name for a in self._attachments if a.name is not None] + [n for _, n in new if n]
+        live = self._live_attachments()
+        new = [(o, n) for o, n in pairs if not any(a.opt is o for a in live)]
+        for o, n in pairs:  # already attached: a name given now is its name from now on
+            for a in live:
+                if a.opt is o and n is not None:
+                    a.name = n
+        taken = [a.name for a in live if a.name is not None] + [n for _, n in new if n]
         dup = sorted({n for n in taken if taken.count(n) > 1})
         if dup:
             raise ValueError(f"attach(): optimizer name {dup[0]!r} is used twice")
-        # validate everything before registering anything
-        self._check_owned(opts)
-        for opt, _ in new:
-            self._check_optimizer(opt)
-        atts = []
+        # validate everything before registering anything (all or nothing)
+        self._check_owned([o for o, _ in pairs])
+        atts: list[Attachment] = []
         for opt, name in new:
-            att = self._detached.pop(opt, None)
+            att = self._detached.get(opt)
             if att is None:
                 att = self._new_attachment(opt, name)
-                entry = _st.take_entry(self._pending, name)
-                if entry is not None:
-                    self._apply_entry(att, entry)
-            else:
-                att.name = name if name is not None else att.name
+            else:  # re-attached after detach(): keeps counting
                 att.rebuild()
+            self._check_optimizer(att, live + atts)
             atts.append(att)
-        self._scaler = scaler if scaler is not None else self._scaler
-        for att in atts:
+        self._attachments = live
+        for att, (_, name) in zip(atts, new):
+            self._detached.pop(att.opt, None)
+            att.name = name if name is not None else att.name
+            entry = _st.take_entry(self._pending, att.name)
+            if entry is not None:
+                self._apply_entry(att, entry)
+            elif self._pending:
+                saved = [e.get("name") for e in self._pending]
+                warnings.warn(
+                    f"attach(): the loaded state has optimizer entries named {saved} but none "
+                    f"for this {type(att.opt).__name__} (name {att.name!r}): it starts at step "
+                    f"{att.steps}. Attach it with the name it was saved under (names=...)",
+                    UserWarning,
+                    stacklevel=2,
+                )
             att.register(self._activity_clear)
             self._attachments.append(att)
             _ATTACHED.setdefault(att.opt, weakref.WeakSet()).add(self)
             check_double_decay(self, att.opt)
+        self._scaler = scaler if scaler is not None else self._scaler
         self._last_detached = []
         self._activity_register()
         return self
@@ -238,8 +260,9 @@ class Regularizer:
                 + ". Pass every optimizer to attach(), or narrow the rule with on="
             )
 
-    def _check_optimizer(self, opt: torch.optim.Optimizer) -> None:
-        """What must hold for ``opt`` before any hook is registered."""
+    def _check_optimizer(self, att: Attachment, others: list[Attachment]) -> None:
+        """What must hold for ``att``'s optimizer before any hook is registered."""
+        opt = att.opt
         if isinstance(opt, torch.optim.LBFGS):
             bad = [b.name for b in self._bindings if b.rule.mode in ("decoupled", "prox", "constraint")]
             if bad:
@@ -248,9 +271,8 @@ class Regularizer:
                     f"{type(opt).__name__} (it evaluates the closure several times per step); "
                     "use mode='grad' or mode='loss'"
                 )
-        probe = self._new_attachment(opt)
         adaptive = sorted(
-            {bk.binding.name for bk in probe.buckets["prox"] if getattr(bk.binding.rule, "metric", "") == "adaptive"}
+            {bk.binding.name for bk in att.buckets["prox"] if getattr(bk.binding.rule, "metric", "") == "adaptive"}
         )
         if adaptive:
             check_supported(opt, adaptive)
@@ -258,7 +280,7 @@ class Regularizer:
             {
                 f"{bk.binding.name!r} (param group {bk.group_index})"
                 for mode in ("decoupled", "prox")
-                for bk in probe.buckets[mode]
+                for bk in att.buckets[mode]
                 if bk.binding.rule.lr_coupling != "none" and "lr" not in bk.group
             }
         )
@@ -267,20 +289,35 @@ class Regularizer:
                 f"attach(): {type(opt).__name__} has param groups without an 'lr', which the "
                 f"lr-coupled rules {', '.join(no_lr)} need; use lr_coupling='none' for them"
             )
-        mine = probe.params()
-        for other in list(_ATTACHED.get(opt, ())):
-            if other is self or not any(a.opt is opt for a in other._attachments):
-                continue
-            shared = mine & next(a for a in other._attachments if a.opt is opt).params()
+        mine = att.params()
+        for a in others:  # an optimizer swap without detach() would keep the old one counting
+            shared = mine & a.params()
             if shared:
-                names = [i.name for i in self._index.params if id(i.param) in shared]
+                raise ValueError(
+                    f"attach(): this regularizer is already attached to a {type(a.opt).__name__} "
+                    f"that steps some of the same parameters ({self._names_of(shared)}). To "
+                    "switch optimizers, reg.detach() first (step counts then start anew for the "
+                    "new one; name them with attach(..., names=) to resume each its own)"
+                )
+        for other in list(_ATTACHED.get(opt, ())):
+            if other is self:
+                continue
+            theirs = [a for a in other._live_attachments() if a.opt is opt]
+            if not theirs:
+                continue
+            theirs[0].refresh()  # param groups added since it attached
+            shared = mine & theirs[0].params()
+            if shared:
                 raise ValueError(
                     f"attach(): another Regularizer (rules {list(other.rules)}) is already "
                     f"attached to this {type(opt).__name__} and regularizes some of the same "
-                    f"parameters: {', '.join(names[:8])}{' …' if len(names) > 8 else ''}. Both "
-                    "would apply in every step (e.g. L2 twice). Put all rules in one Regularizer, "
-                    "or select disjoint parameters"
+                    f"parameters: {self._names_of(shared)}. Both would apply in every step (e.g. "
+                    "L2 twice). Put all rules in one Regularizer, or select disjoint parameters"
                 )
+
+    def _names_of(self, ids: set[int], limit: int = 8) -> str:
+        names = [i.name for i in self._index.params if id(i.param) in ids]
+        return ", ".join(names[:limit]) + (" …" if len(names) > limit else "")
 
     def detach(self) -> None:
         """Remove every hook this regularizer registered.
@@ -354,7 +391,9 @@ class Regularizer:
     # ------------------------------------------------------------------ values
     @property
     def step(self) -> int:
-        """Applied steps so far (of the first attached optimizer; manual count otherwise)."""
+        """Applied steps so far: of the first attached optimizer (after ``detach()``, of the
+        first one detached; an optimizer that was deleted counts until the next ``attach``);
+        the manual count when none was ever attached."""
         atts = self._attachments or self._last_detached or [self._manual]
         return atts[0].step_count()
 
@@ -409,10 +448,9 @@ class Regularizer:
                 f"rule {b.name!r} ({type(b.rule).__name__}, on={b.rule.on!r}) selects no module of "
                 f"{type(self.model).__name__}; check on=, or pass allow_empty=True"
             )
-        try:
-            hooks = ActivityHooks(b.rule, b.name, mods, lambda: self.step, scale_fn=self._grad_scale)
-        except TypeError:  # TODO(merge): scale_fn lands with the activity fix
-            hooks = ActivityHooks(b.rule, b.name, mods, lambda: self.step)
+        hooks = ActivityHooks(
+            b.rule, b.name, mods, lambda: self.step, scale_fn=self._grad_scale, root=self.model
+        )
         hooks.register()
         self._activity.append(hooks)
 
@@ -521,6 +559,9 @@ class Regularizer:
         if not isinstance(state, dict):
             raise TypeError(f"load_state_dict() expects a dict, got {type(state).__name__}")
         _st.check_version(state)
+        unknown = sorted(set(state) - _st.KEYS)
+        if unknown:
+            raise ValueError(f"load_state_dict(): unknown key(s) {unknown}; known: {sorted(_st.KEYS)}")
         rules_state = state.get("rules", {})
         strengths = state.get("strengths", {})
         kinds = state.get("kinds", {})
@@ -553,18 +594,42 @@ class Regularizer:
         else:  # first format: a list of step counts
             entries = [_st.check_entry({"steps": n}, f"steps[{i}]") for i, n in enumerate(state.get("steps", []))]
         manual = _st.check_entry({"steps": state.get("manual_steps", 0)}, "manual_steps")["steps"]
-        # everything checked: apply
-        self._pending = entries
-        for att in self._live_attachments():
-            e = _st.take_entry(self._pending, att.name)
-            if e is not None:
-                self._apply_entry(att, e)
-        self._manual.steps = manual
-        for b in self._bindings:
-            if b.name in strengths and b.rule.mode != "constraint":
-                load_strength_state(b.rule, strengths[b.name])
-            if b.name in rules_state:
-                b.rule.load_rule_state_dict(rules_state[b.name])
+        # apply; if a rule refuses its part (e.g. an L2-SP reference of another shape), put
+        # everything back as it was, so a failed load changes nothing
+        saved = (
+            list(self._pending),
+            [(a, a.steps, a.skipped, dict(a.ref_lr)) for a in self._live_attachments()],
+            self._manual.steps,
+            list(self._last_detached),
+            [(b.rule, b.rule.__dict__.get("_strength"), b.rule.rule_state_dict()) for b in self._bindings],
+        )
+        try:
+            self._pending = entries
+            self._last_detached = []  # the loaded entries supersede the last detach's counts
+            for att in self._live_attachments():
+                e = _st.take_entry(self._pending, att.name)
+                if e is not None:
+                    self._apply_entry(att, e)
+            self._manual.steps = manual
+            for b in self._bindings:
+                where = "strengths"
+                try:
+                    if b.name in strengths and b.rule.mode != "constraint":
+                        load_strength_state(b.rule, strengths[b.name])
+                    where = "rules"
+                    if b.name in rules_state:
+                        b.rule.load_rule_state_dict(rules_state[b.name])
+                except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
+                    raise ValueError(f"load_state_dict(): {where}[{b.name!r}]: {e}") from e
+        except BaseException:
+            self._pending, atts, self._manual.steps, self._last_detached, rules = saved
+            for a, steps, skipped, ref_lr in atts:
+                a.steps, a.skipped, a.ref_lr = steps, skipped, ref_lr
+            for rule, strength, rstate in rules:
+                if strength is not None:
+                    rule._strength = strength
+                rule.load_rule_state_dict(rstate)
+            raise
 
     @staticmethod
     def _apply_entry(att: Attachment, e: dict[str, Any]) -> None:

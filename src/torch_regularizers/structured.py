@@ -510,7 +510,12 @@ class L2SP(Penalty):
 
     References live with the rule on the parameter's device and dtype, and are saved and
     restored exactly by ``reg.state_dict()``/``reg.load_state_dict()``. A rule instance
-    belongs to one Regularizer (binding it again takes new references).
+    belongs to one Regularizer (another Regularizer given it binds a copy, with its own
+    references). When the model's parameters are replaced after construction
+    (``load_state_dict(assign=True)``, …) the references taken at construction are kept
+    where they still fit (same name, shape and device). The default reference of
+    parameters on the meta device does not exist: build the Regularizer after the weights
+    are materialized and loaded (``ValueError`` otherwise), or pass ``reference=``.
     ∇R = λ(θ − θ₀); prox_{tR}(θ) = θ₀ + (θ − θ₀)/(1 + tλ). All modes.
     ``stochastic_rounding=True`` is not supported (its fp32 working copy has no reference).
     """
@@ -549,6 +554,14 @@ class L2SP(Penalty):
     def _bind(self, names: list[str], params: list, modules: list | None = None) -> None:
         refs = []
         if self.reference is None:
+            meta = [n for n, p in zip(names, params) if p.is_meta]
+            if meta:
+                raise ValueError(
+                    "L2SP: the default reference is a copy of the weights when the Regularizer "
+                    f"is built, but these are on the meta device (not materialized): "
+                    f"{', '.join(meta)}. Build the Regularizer after to_empty() and loading the "
+                    "weights, or pass reference="
+                )
             with torch.no_grad():
                 refs = [p.detach().clone() for p in params]
         else:
@@ -647,17 +660,16 @@ class L2SP(Penalty):
         return dict(zip(self._names, self._refs))
 
     def _rebind(self, names: list[str], params: list, modules: list | None = None) -> None:
-        """Replaced parameters (``to_empty``, ``load_state_dict(assign=True)``): a default
-        reference taken at construction is kept for every name whose reference still fits
-        (same shape and device, not a meta tensor); the others are taken from the new
-        weights now."""
+        """Replaced parameters (``load_state_dict(assign=True)``, …): a default reference
+        taken at construction is kept for every name whose reference still fits (same shape
+        and device); the others are taken from the new weights now."""
         old = dict(zip(self._names, self._refs))
         self._bind(names, params, modules)
         if self.reference is not None:
             return
         for i, (n, p) in enumerate(zip(names, params)):
             r = old.get(n)
-            if r is not None and not r.is_meta and r.shape == p.shape and r.device == p.device:
+            if r is not None and r.shape == p.shape and r.device == p.device:
                 self._refs[i] = r.to(p.dtype)
         self._by_id = {id(p): r for p, r in zip(params, self._refs)}
 
