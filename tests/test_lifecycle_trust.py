@@ -644,3 +644,18 @@ def test_same_rule_instance_twice_in_one_list_raises():
     r = tr.L2(0.1)
     with pytest.raises(ValueError, match=r"rules\[0\] and rules\[1\] are the same L2 instance"):
         tr.Regularizer(_model(), [r, r])
+
+
+def test_optimizer_of_replaced_parameters_is_dropped_at_the_next_attach():
+    m = _model()
+    reg = tr.Regularizer(m, [tr.L2(0.1, mode="decoupled")])
+    old = torch.optim.SGD(m.parameters(), lr=0.1)
+    reg.attach(old)
+    for _ in range(4):
+        _grads(m)
+        old.step()
+    m.load_state_dict(_model(3).state_dict(), assign=True)
+    new = torch.optim.SGD(m.parameters(), lr=0.1)
+    reg.attach(new)  # the old optimizer steps tensors the model no longer has
+    assert reg.step == 0
+    assert len(reg.state_dict()["optimizers"]) == 1

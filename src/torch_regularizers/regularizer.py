@@ -1,17 +1,8 @@
 """The Regularizer: rules bound to a model's parameters, applied by optimizer hooks.
 
-Modes (docs/design.md §3)::
-
-    mode          when                         what
-    "grad"        in optimizer.step(), before  g ← g + ∇R(θ)           (= R added to the loss)
-    "decoupled"   in optimizer.step(), before  θ ← θ − c·∇R(θ)         (AdamW-style, any optimizer)
-    "prox"        in optimizer.step(), after   θ ← prox_{c·R}(θ)       (proximal gradient: exact zeros)
-    "loss"        never automatically          reg.penalty() returns Σ R(θ), differentiable
-
-c/λ is the parameter's param-group ``lr`` (``lr_coupling="lr"``), ``lr / initial_lr``
-(``"lr_ratio"``) or 1 (``"none"``). Constraints are projections after the update, after
-any prox. The order of one step (validate → grad → decoupled → update → prox →
-constraints → count) is the table in ``_attachment.py``.
+The modes are tabled in the :class:`Regularizer` docstring; the order of one step
+(validate → grad → decoupled → update → prox → constraints → count) is the table in
+``_attachment.py`` (docs/design.md §3).
 
 The concerns live in one module each: binding rules to parameters (``_binding``), one
 attached optimizer with its hooks and step transaction (``_attachment``), reporting
@@ -198,6 +189,10 @@ class Regularizer:
                 pairs.append((o, n))
         self._sync()
         live = self._live_attachments()
+        mine = {id(p) for p in self.model.parameters()}
+        orphans = [a for a in live if not any(id(p) in mine for g in a.opt.param_groups for p in g["params"])]
+        if orphans:  # their optimizers step replaced tensors only (assign=True, to_empty)
+            live = [a for a in live if a not in orphans]
         new = [(o, n) for o, n in pairs if not any(a.opt is o for a in live)]
         for o, n in pairs:  # already attached: a name given now is its name from now on
             for a in live:
@@ -218,6 +213,9 @@ class Regularizer:
                 att.rebuild()
             self._check_optimizer(att, live + atts)
             atts.append(att)
+        for a in orphans:
+            a.remove()
+            _ATTACHED.get(a.opt, weakref.WeakSet()).discard(self)
         self._attachments = live
         for att, (_, name) in zip(atts, new):
             self._detached.pop(att.opt, None)
