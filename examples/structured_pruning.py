@@ -122,7 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"max |full − pruned| on {len(xt)} test inputs: {diff:.2e}")
     removed = 2 * HIDDEN - small.fc1.out_features - small.fc2.out_features
-    ok = torch.allclose(full_out, small_out, rtol=1e-5, atol=1e-5) and (args.quick or removed > HIDDEN)
+    # counted independently of prune(): rows of exactly zero incoming weights
+    zero_rows = sum(int((m.weight == 0).all(1).sum()) for m in (model.fc1, model.fc2))
+    print(f"hidden units removed: {removed} (rows of exactly zero weights: {zero_rows})")
+    ok = (
+        torch.allclose(full_out, small_out, rtol=1e-5, atol=1e-5)  # the same function
+        and removed == zero_rows
+        and removed > (HIDDEN // 4 if args.quick else HIDDEN)  # and whole units did go
+        and n_params(small) < n_params(model)
+    )
     print("ok" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -59,6 +59,83 @@ def selected(reg, rule):
     return sorted(p["name"] for p in reg.summary(as_dict=True)["params"] if any(r["rule"] == rule for r in p["rules"]))
 
 
+# --------------------------------------------------------------------------- built rule == its config
+# What the loader built is checked against the input config itself, not against the library's
+# own to_config()/repr (which omit lr_coupling, metric, stochastic_rounding...): a loader or a
+# writer that drops a key fails here.
+
+#: options a rule exposes as attributes, with their defaults (checked when the config omits them)
+OPTION_DEFAULTS = {
+    "lr_coupling": "lr",
+    "metric": "euclidean",
+    "stochastic_rounding": False,
+    "l1_ratio": 0.5,
+    "dim": None,
+    "eps": 1e-7,
+    "batch_dim": 0,
+    "reference": None,
+}
+MODULE_TYPES = {"Linear": nn.Linear, "LayerNorm": nn.LayerNorm, "TinyRMSNorm": TinyRMSNorm, "Conv1d": nn.Conv1d}
+
+
+def hand_schedule(spec):
+    """A schedule built with the public constructors from its config mapping (not the loader);
+    numbers written as strings (YAML 1.1 reads ``2e-3`` as one) are numbers."""
+    return getattr(S, spec["type"])(
+        **{k: float(v) if isinstance(v, str) else v for k, v in spec.items() if k != "type"}
+    )
+
+
+def hand_selector(spec):
+    """The tr.select selector a (preset / name / modules / list) config selector stands for."""
+    if isinstance(spec, str):
+        return getattr(tr.select, spec)
+    if isinstance(spec, list):
+        out = hand_selector(spec[0])
+        for s in spec[1:]:
+            out = out | hand_selector(s)
+        return out
+    (key, val), = spec.items()
+    if key == "name":
+        return tr.select.name(val)
+    assert key == "modules"
+    return tr.select.modules(MODULE_TYPES[val])
+
+
+def resolved(model, sel):
+    return sorted(n for n, _ in sel.resolve(model))
+
+
+def assert_rule_is(reg, name, spec, params=None, modules=None, model=None):
+    """``reg.rules[name]`` is what ``spec`` (one rule of a config) says: type, name, every
+    key's value (schedules compared with hand-built ones), the defaults of the options it
+    omits, and the selection (``params``: parameter names; ``modules``: activity modules)."""
+    rule = reg.rules[name]
+    assert type(rule).__name__.lower() == spec["type"].replace("_", "").lower()
+    if "name" in spec:
+        assert name == spec["name"] and rule.name == spec["name"]
+    for key, val in spec.items():
+        if key in ("type", "name", "on", "exclude") or key is True:  # YAML 1.1 reads `on:` as true
+            continue
+        attr = "strength" if key == "alpha" else key  # ElasticNet's alpha is its strength
+        assert hasattr(rule, attr), f"{name}: built rule has no attribute {attr!r}"
+        got = getattr(rule, attr)
+        if key in ("strength", "alpha"):
+            want = hand_schedule(val) if isinstance(val, dict) else float(val)
+        elif isinstance(val, list):
+            want = tuple(val)
+        else:
+            want = val
+        assert type(got) is type(want) and got == want, f"{name}.{key}: built {got!r}, config says {val!r}"
+    for key, default in OPTION_DEFAULTS.items():
+        if key not in spec and hasattr(rule, key):
+            assert getattr(rule, key) == default, f"{name}.{key}: {getattr(rule, key)!r}, not the default"
+    if params is not None:
+        assert selected(reg, name) == sorted(params), name
+    if modules is not None:
+        assert [n for n, _ in rule.on.modules(model)] == modules, name
+
+
 # --------------------------------------------------------------------------- building
 
 
@@ -90,6 +167,8 @@ def test_dict_config_equals_hand_built_and_trains_identically():
         ],
     )
     assert list(r1.rules) == list(r2.rules) == ["l2", "head_l1", "elasticnet", "maxnorm"]
+    for name, spec in zip(r1.rules, cfg["rules"]):
+        assert_rule_is(r1, name, spec)
     assert selected(r1, "head_l1") == ["head.weight"]
     assert selected(r1, "elasticnet") == sorted(["conv.weight", "conv.bias"])
     assert selected(r1, "maxnorm") == ["encoder.0.fc.weight"]
@@ -154,14 +233,19 @@ allow_empty: false
     reg = tr.Regularizer.from_config(m, p)
     assert reg.rules["l2"].strength == 1e-4
     assert reg.rules["l1"].strength == S.linear_warmup(2e-3, 10)
+    specs = yaml.safe_load(text)["rules"]
+    weights = ["conv.weight", "encoder.0.fc.weight", "encoder.1.fc.weight", "head.weight"]
     cfg = reg.to_config()
     j = tmp_path / "reg.json"
     j.write_text(json.dumps(cfg))
-    assert tr.Regularizer.from_config(m, str(j)).to_config() == cfg
     y = tmp_path / "reg.yml"
     y.write_text(yaml.safe_dump(cfg))
-    assert tr.Regularizer.from_config(m, y).to_config() == cfg
-    assert tr.Regularizer.from_config(m, cfg["rules"]).to_config() == cfg  # a bare list of rules
+    for r in (reg, tr.Regularizer.from_config(m, str(j)), tr.Regularizer.from_config(m, y),
+              tr.Regularizer.from_config(m, cfg["rules"])):  # the last: a bare list of rules
+        assert list(r.rules) == ["l2", "l1"]
+        assert_rule_is(r, "l2", specs[0], params=weights)
+        assert_rule_is(r, "l1", specs[1], params=["head.weight"])
+        assert r.to_config() == cfg
 
 
 def test_round_trip_every_rule_type():
@@ -170,16 +254,33 @@ def test_round_trip_every_rule_type():
         "rules": [
             {"type": "L2", "name": "a", "strength": 0.1, "mode": "grad", "lr_coupling": "lr_ratio"},
             {"type": "L1", "name": "b", "strength": 0.1, "mode": "prox", "on": {"name": "head.weight"}, "metric": "adaptive"},
-            {"type": "ElasticNet", "name": "c", "alpha": 0.1, "l1_ratio": 0.3, "mode": "decoupled", "on": {"name": "conv.weight"}},
-            {"type": "GroupLasso", "name": "d", "strength": 0.1, "dim": [1, 2], "mode": "prox", "on": {"name": "conv.weight"}},
+            {"type": "ElasticNet", "name": "c", "alpha": 0.1, "l1_ratio": 0.3, "mode": "decoupled", "on": {"name": "conv.weight"},
+             "stochastic_rounding": True},
+            {"type": "GroupLasso", "name": "d", "strength": 0.1, "dim": [1, 2], "mode": "prox", "on": {"name": "conv.weight"},
+             "lr_coupling": "none"},
             {"type": "SparseGroupLasso", "name": "e", "strength": 0.1, "l1_ratio": 0.2, "mode": "grad"},
-            {"type": "L2SP", "name": "f", "strength": {"type": "step", "value": 0.1, "step_size": 5, "gamma": 0.5}, "mode": "loss"},
+            {"type": "L2SP", "name": "f", "strength": {"type": "step", "value": 0.1, "step_size": 5, "gamma": 0.5}, "mode": "loss",
+             "lr_coupling": "lr_ratio"},
             {"type": "Orthogonal", "name": "g", "strength": 0.01, "mode": "grad", "on": {"modules": "Linear"}, "exclude": "biases"},
-            {"type": "MaxNorm", "name": "h", "max_value": 3.0, "dim": 1, "mode": "constraint"},
+            {"type": "MaxNorm", "name": "h", "max_value": 3.0, "dim": 1, "eps": 1e-5, "mode": "constraint"},
             {"type": "UnitNorm", "name": "i", "dim": 1, "mode": "constraint", "on": {"name": "encoder.0.fc.weight"}},
             {"type": "NonNeg", "name": "j", "mode": "constraint", "on": "norms"},
-            {"type": "ActivityL2", "name": "k", "strength": 0.01, "mode": "loss", "on": {"modules": ["ReLU", "TinyRMSNorm"], "name": "ln"}},
+            {"type": "ActivityL2", "name": "k", "strength": 0.01, "mode": "loss", "batch_dim": None,
+             "on": {"modules": ["ReLU", "TinyRMSNorm"], "name": "ln"}},
         ]
+    }
+    weights = ["conv.weight", "encoder.0.fc.weight", "encoder.1.fc.weight", "head.weight"]
+    params = {
+        "a": weights,
+        "b": ["head.weight"],
+        "c": ["conv.weight"],
+        "d": ["conv.weight"],
+        "e": weights,
+        "f": weights,
+        "g": ["encoder.0.fc.weight", "encoder.1.fc.weight", "head.weight"],
+        "h": weights,
+        "i": ["encoder.0.fc.weight"],
+        "j": ["encoder.0.norm.weight", "encoder.1.norm.weight", "ln.bias", "ln.weight"],
     }
     reg = tr.Regularizer.from_config(m, cfg)
     out = reg.to_config()
@@ -190,6 +291,26 @@ def test_round_trip_every_rule_type():
     assert out["rules"][6]["exclude"] == "biases"
     for a, b in zip(reg.rules.values(), back.rules.values()):
         assert repr(a) == repr(b)
+    # what was built, from the config and from its to_config(), is what the config says
+    for r in (reg, back):
+        assert list(r.rules) == [spec["name"] for spec in cfg["rules"]]
+        for spec in cfg["rules"]:
+            n = spec["name"]
+            if n == "k":
+                assert_rule_is(r, n, spec, modules=["encoder.0.norm", "encoder.1.norm", "ln"], model=m)
+            else:
+                assert_rule_is(r, n, spec, params=params[n])
+
+
+def test_config_reference_mapping_is_the_rules_reference():
+    """An L2SP reference given in a config (plain nested lists) is the rule's reference."""
+    m = net()
+    ref = {"head.weight": [[0.5] * 8] * 4}
+    spec = {"type": "L2SP", "name": "sp", "strength": 0.1, "reference": ref, "on": {"name": "head.weight"}, "mode": "loss"}
+    reg = tr.Regularizer.from_config(m, {"rules": [spec]})
+    assert_rule_is(reg, "sp", spec, params=["head.weight"])
+    expected = 0.5 * 0.1 * ((m.head.weight - 0.5) ** 2).sum()
+    torch.testing.assert_close(reg.penalty(), expected, rtol=1e-6, atol=0)
 
 
 def test_to_config_of_code_built_regularizer():
@@ -208,6 +329,11 @@ def test_to_config_of_code_built_regularizer():
     back = tr.Regularizer.from_config(m, cfg)
     for name in ("l2", "l2_1", "l1"):
         assert selected(back, name) == selected(reg, name)
+        a, b = reg.rules[name], back.rules[name]
+        assert type(a) is type(b)
+        for attr in ("strength", "mode", *OPTION_DEFAULTS):
+            if hasattr(a, attr):
+                assert getattr(b, attr) == getattr(a, attr), f"{name}.{attr}"
     assert back.to_config() == cfg
 
 
@@ -315,3 +441,7 @@ def test_round_trip_property(rules):
     for name in reg.rules:
         assert selected(back, name) == selected(reg, name)
         assert back.rules[name].strength == reg.rules[name].strength
+    assert len(reg.rules) == len(back.rules) == len(rules)
+    for r in (reg, back):
+        for name, spec in zip(r.rules, rules):
+            assert_rule_is(r, name, spec, params=resolved(m, hand_selector(spec["on"])))

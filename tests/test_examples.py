@@ -1,9 +1,12 @@
 """Every script in examples/ runs (``--quick``) so the docs never rot.
 
 Each example checks its own claim against an independent reference and prints ``ok``
-(exit 0) or ``FAILED`` (exit 1): the GradScaler-skipped step leaves the parameters
-unchanged, the pruned network computes the same outputs as the full one, the DDP
-replicas are identical and equal a single-process run without DDP, ...
+(exit 0) or ``FAILED`` (exit 1), in ``--quick`` mode too: the penalty is applied once per
+real optimizer step (bit-identical to a twin regularized by hand with torch's AdamW decay)
+and the GradScaler-skipped step leaves the parameters unchanged, the pruned network
+removed hidden units and computes the same outputs as the full one, the DDP replicas are
+identical, equal a single-process run without DDP and differ from a run without the
+rules, ... Wall times are measured by ``benchmarks/quick_runs.py``, not asserted here.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -46,8 +48,8 @@ def test_every_example_is_tested():
 
 
 def test_ddp_example_with_two_processes():
-    """``torchrun --nproc_per_node=2`` on CPU/gloo: replicas identical, equal to 1 process."""
-    t0 = time.perf_counter()
+    """``torchrun --nproc_per_node=2`` on CPU/gloo: replicas identical, equal to 1 process.
+    (Its wall time is measured by ``benchmarks/quick_runs.py``, not asserted here.)"""
     p = run_example(
         [
             "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -57,4 +59,3 @@ def test_ddp_example_with_two_processes():
     check(p)
     assert "world size 2" in p.stdout and "replicas identical on 2 rank(s): True" in p.stdout
     assert "module." not in p.stdout  # the summary shows bare-model names through DDP
-    assert time.perf_counter() - t0 < 120
