@@ -9,13 +9,18 @@ The order of operations of one optimizer step, in one place (docs/design.md §3)
     grad         pre-hook (after the closure's   g ← g + s·∇R(θ)   s = ±1 (maximize) × grad_scale
                  backward when step(closure))
     decoupled    pre-hook, same place            θ ← θ − c·∇R(θ)   masked by found_inf (fused)
-    update       the optimizer                   θ ← θ − lr·u(g)
-    prox         step post-hook                  θ ← prox_{c·R}(θ) masked by found_inf
+                                                 (cautious rules: θ is kept instead)
+    update       the optimizer                   θ ← θ − η·u
+    cautious     step post-hook                  θ ← θ − c·𝟙[u ⊙ ∇R(θ_before) ≥ 0] ⊙ ∇R(θ_before)
+    prox         post-hook                       θ ← prox_{c·R}(θ) masked by found_inf
     constraints  post-hook, after prox           θ ← Π(θ)          masked by found_inf
+    anchors      post-hook                       θ₀ ← β·θ₀ + (1 − β)·θ (L2SP reference="ema")
     count        post-hook                       k ← k + 1 unless GradScaler skipped the step
 
 c = lr·λ (``lr_coupling="lr"``), λ·lr/lr₀ (``"lr_ratio"``, lr₀ = the scheduler's
-``initial_lr``, else the first nonzero lr seen; 0 until known) or λ (``"none"``).
+``initial_lr``, else the first nonzero lr seen; 0 until known), λ·lr²/lr₀ (``"corrected"``,
+AdamC) or λ (``"none"``); a ``timescale=T`` rule has c = (lr/lr₀)/T (squared ratio for
+``"corrected"``, 1/T for ``"none"``).
 
 In optimizer steps only trainable parameters with a gradient take part (like torch);
 manual ``apply_decoupled``/``apply_prox`` take every trainable selected parameter, with or
@@ -46,7 +51,9 @@ from ._precision import LOW_PRECISION, stochastic_round_
 __all__ = ["STEP_ORDER", "Attachment", "Bucket", "Plan", "binding_value", "sum_values", "unwrap_optimizer"]
 
 #: The phases of one regularized optimizer step, in order (see the module docstring).
-STEP_ORDER = ("validate", "grad", "decoupled", "update", "prox", "constraints", "count")
+STEP_ORDER = (
+    "validate", "grad", "decoupled", "update", "cautious", "prox", "constraints", "anchors", "count",
+)
 
 
 def unwrap_optimizer(opt: Any) -> torch.optim.Optimizer:
@@ -77,6 +84,9 @@ class Bucket:
     params: list[nn.Parameter]
     #: DTensor (FSDP2) parameters of an elementwise rule: kernels run on the local shards
     local: bool = False
+    #: cautious rules: persistent copies of θ before the update, and the parameters they hold
+    before: dict[int, Tensor] | None = None
+    kept: list[Tensor] | None = None
 
     def live(self) -> tuple[list[Tensor], list[Tensor]]:
         """Parameters that take part in an optimizer step (trainable, with a gradient), and grads."""
@@ -163,8 +173,10 @@ class Attachment:
                     owner.setdefault(id(p), gi)
         buckets: dict[str, list[Bucket]] = defaultdict(list)
         for b in self._bindings():
-            mode = b.rule.mode
-            if mode == "loss" or not b.infos:
+            modes = [m for m in (b.rule.mode,) if m != "loss"]
+            if getattr(b.rule, "ema_decay", None) is not None:
+                modes.append("anchor")  # the reference follows θ, whatever the mode
+            if not modes or not b.infos:
                 continue
             split: dict[tuple, list[nn.Parameter]] = defaultdict(list)
             for p in b.params:
@@ -175,7 +187,8 @@ class Attachment:
             on_shards = _dist.runs_on_local_shards(b.rule)
             for (gi, _, _, dt), ps in split.items():
                 group = opt.param_groups[gi] if opt is not None else None
-                buckets[mode].append(Bucket(b, group, gi, ps, local=dt and on_shards))
+                for mode in modes:
+                    buckets[mode].append(Bucket(b, group, gi, ps, local=dt and on_shards))
         self.buckets = buckets
         if opt is not None:
             self.groups_sig = _groups_sig(opt)
@@ -322,7 +335,8 @@ class Attachment:
             for bk in self.buckets[mode]:
                 b = bk.binding
                 if b.name not in plan.lam:
-                    plan.lam[b.name] = b.rule.strength_at(step, b.name)
+                    strength = getattr(b.rule, "step_strength", b.rule.strength_at)
+                    plan.lam[b.name] = strength(step, b.name)
                 lam = plan.lam[b.name]
                 _check_fits(b.name, step, lam, bk.params[0].dtype, "strength")
                 if mode != "grad":
@@ -353,8 +367,17 @@ class Attachment:
                 f"lr_coupling={coupling!r} needs lr >= 0 (a negative lr would move the weights "
                 "away from the penalty's minimum)"
             )
+        rule = bk.binding.rule
+        if getattr(rule, "timescale", None) is not None:  # c = (lr/lr_peak)^k / T
+            peak = self._lr_reference(bk, lr)
+            if rule._lr_peak is None and peak is not None and not isinstance(peak, Tensor):
+                rule._lr_peak = float(peak)  # for reporting λ = 1/(T·lr_peak)
+            ratio = _ratio(lr, peak)
+            return ratio * ratio if coupling == "corrected" else ratio
         if coupling == "lr":
             return lr
+        if coupling == "corrected":  # AdamC: c = λ·lr²/lr_max (timm: lr ** 2 / max_lr)
+            return _ratio(lr**2, self._lr_reference(bk, lr))
         return _ratio(lr, self._lr_reference(bk, lr))
 
     def _lr_reference(self, bk: Bucket, lr: Any) -> Any:
@@ -377,9 +400,11 @@ class Attachment:
         self.decoupled_phase(plan, retry=retry)
 
     def after_update(self, plan: Plan) -> None:
-        """The prox, then the constraints phase (after the update)."""
+        """The cautious, prox, constraints and anchors phases (after the update)."""
+        self.cautious_phase(plan)
         self.prox_phase(plan)
         self.constraint_phase(plan)
+        self.anchor_phase(plan)
 
     def grad_phase(self, plan: Plan, *, retry: bool = False) -> None:
         """g ← g + s·∇R(θ) for trainable parameters with a gradient."""
@@ -410,6 +435,9 @@ class Attachment:
         with torch.no_grad():
             for bk in self.buckets["decoupled"]:
                 ps = bk.live()[0] if live else bk.trainable()
+                if getattr(bk.binding.rule, "cautious", False):
+                    _keep_before(bk, ps)  # decayed after the update (the cautious phase)
+                    continue
                 touched += ps
                 if skip:
                     ps = [p for p in ps if id(p) not in skip]
@@ -418,6 +446,34 @@ class Attachment:
                     self._update(bk, "decay", ps, lam, self._masked(plan, bk))
         if live:
             self._record("decoupled", touched)
+
+    def cautious_phase(self, plan: Plan) -> None:
+        """θ ← θ − c·𝟙[u ⊙ d ≥ 0] ⊙ d, d = ∇R(θ_before)/λ, u ∝ θ_before − θ (the update)."""
+        with torch.no_grad():
+            for bk in self.buckets["decoupled"]:
+                if not bk.kept:
+                    continue
+                lam = plan.lam[bk.binding.name]
+                c = self._masked(plan, bk)
+                rule = bk.binding.rule
+                for p in bk.kept:
+                    before = bk.before[id(p)]
+                    w = _dist.local(p)
+                    d = rule._decay_dir(p, before)
+                    keep = (before - w) * d >= 0  # the update agrees with the decay direction
+                    w.sub_(d.mul_(keep.to(d.dtype)).mul_(lam).mul_(c))
+                bk.kept = None
+
+    def anchor_phase(self, plan: Plan) -> None:
+        """L2SP ``reference="ema"``: θ₀ ← β·θ₀ + (1 − β)·θ, nothing for a skipped step."""
+        for bk in self.buckets["anchor"]:
+            ps = bk.live()[0]
+            if not ps:
+                continue
+            w: Any = 1.0 - bk.binding.rule.ema_decay
+            if plan.found_inf is not None:
+                w = (plan.found_inf.to(ps[0].device) == 0).to(torch.float32) * w
+            bk.binding.rule.ema_update_(ps, w)
 
     def _record(self, phase: str, tensors: list[Tensor]) -> None:
         """Remember the version of every tensor a phase handled, after the whole phase (two
@@ -496,6 +552,19 @@ class Attachment:
         """Σ R(θ) of the rules of ``mode`` in this attachment (LBFGS: the closure's loss)."""
         seen: dict[int, Binding] = {id(bk.binding): bk.binding for bk in self.buckets[mode]}
         return sum_values([binding_value(b, b.rule.strength_at(step, b.name)) for b in seen.values()])
+
+
+def _keep_before(bk: Bucket, ps: list[Tensor]) -> None:
+    """Copy θ of ``ps`` into persistent buffers (allocated once per parameter)."""
+    if bk.before is None:
+        bk.before = {}
+    for p in ps:
+        w = _dist.local(p)
+        buf = bk.before.get(id(p))
+        if buf is None or buf.shape != w.shape or buf.dtype != w.dtype or buf.device != w.device:
+            buf = bk.before[id(p)] = torch.empty_like(w)
+        buf.copy_(w)
+    bk.kept = list(ps)
 
 
 def _ratio(num: Any, den: Any) -> Any:

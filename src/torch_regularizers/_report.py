@@ -23,13 +23,32 @@ def _fmt_strength(v: float) -> str:
     return f"{v:.4g}"
 
 
-def _group_lr(optimizers: list[torch.optim.Optimizer], p: nn.Parameter) -> Any:
+def _group_of(optimizers: list[torch.optim.Optimizer], p: nn.Parameter) -> dict | None:
     for opt in optimizers:
         for g in opt.param_groups:
             if any(q is p for q in g["params"]):
-                lr = g.get("lr")
-                return float(lr) if isinstance(lr, Tensor) else lr
+                return g
     return None
+
+
+def _num(v: Any) -> Any:
+    return float(v) if isinstance(v, Tensor) else v
+
+
+def _group_lr(optimizers: list[torch.optim.Optimizer], p: nn.Parameter) -> Any:
+    g = _group_of(optimizers, p)
+    return None if g is None else _num(g.get("lr"))
+
+
+def _timescale(rule: Any, step: int, group: dict | None) -> float | None:
+    """τ (optimizer steps) of a decoupled L2-type rule for a parameter of ``group``."""
+    fn = getattr(rule, "timescale_at", None)
+    if fn is None:
+        return None
+    peak = None
+    if group is not None:
+        peak = _num(group.get("initial_lr") or group.get("lr"))
+    return fn(step, peak)
 
 
 def summary_dict(
@@ -47,7 +66,11 @@ def summary_dict(
             "kind": type(b.rule).__name__,
         }
         for info in b.infos:
-            per_param[id(info.param)].append({"rule": b.name, "mode": b.rule.mode, "strength": strength})
+            entry = {"rule": b.name, "mode": b.rule.mode, "strength": strength}
+            tau = _timescale(b.rule, step, _group_of(optimizers, info.param))
+            if tau is not None:
+                entry["timescale"] = tau
+            per_param[id(info.param)].append(entry)
     params, unselected = [], []
     for info in index.params:
         entry = per_param.get(id(info.param))
@@ -82,6 +105,7 @@ def format_summary(d: dict[str, Any], model_name: str) -> str:
                 if isinstance(r["strength"], float)
                 else ""
             )
+            + (f" τ={r['timescale']:.4g} steps" if "timescale" in r else "")
             for r in p["rules"]
         )
         lr = "-" if p["lr"] is None else _fmt_strength(float(p["lr"]))

@@ -17,7 +17,7 @@ __all__ = ["LR_COUPLINGS", "MODES", "Rule", "Strength", "check_nonneg", "check_r
 #: Modes a penalty can run in (see docs/design.md §3).
 MODES = ("grad", "decoupled", "prox", "loss")
 #: How the step size of decoupled/prox rules follows the optimizer's learning rate.
-LR_COUPLINGS = ("lr", "lr_ratio", "none")
+LR_COUPLINGS = ("lr", "lr_ratio", "corrected", "none")
 
 Strength = Union[float, Callable[[int], float]]
 

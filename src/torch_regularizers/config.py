@@ -636,7 +636,8 @@ def rule_to_config(rule: Rule, name: str, model: nn.Module | None, path: str) ->
         if pname == "name":
             continue
         if pname in _STRENGTH_ARGS:
-            out[pname] = _plain(rule.strength, kp)
+            if getattr(rule, "timescale", None) is None:  # a timescale rule writes timescale
+                out[pname] = _plain(rule.strength, kp)
             continue
         if pname == "on":
             on = rule.on

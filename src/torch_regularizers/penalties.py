@@ -21,6 +21,7 @@ or a ``GradScaler`` scale / ``found_inf`` mask): tensors never cause a host sync
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Callable, Union
 
@@ -31,7 +32,7 @@ from . import kernels as _kernels
 from . import select as _select
 from ._precision import LOW_PRECISION as _LOW
 from ._precision import acc as _acc
-from ._rule import Rule, Strength, check_ratio
+from ._rule import Rule, Strength, check_nonneg, check_ratio
 
 __all__ = ["L1", "L2", "ElasticNet", "Penalty"]
 
@@ -66,9 +67,28 @@ class Penalty(Rule):
         on: selector of the parameters it applies to (default ``tr.select.weights``).
         mode: ``"grad"`` (default), ``"decoupled"``, ``"prox"`` or ``"loss"`` (docs/design.md §3).
         name: name in ``summary()``/``stats()``; default lower-case class name.
-        lr_coupling: for decoupled/prox: the step size η is the group's ``"lr"``
-            (default), ``"lr_ratio"`` (lr / initial_lr) or ``"none"`` (η = 1).
+        lr_coupling: for decoupled/prox, the step c = η·λ with η = the group's ``"lr"``
+            (default), ``"lr_ratio"`` (lr / lr₀, lr₀ = the scheduler's ``initial_lr``, else
+            the first nonzero lr seen), ``"corrected"`` (lr² / lr_max, AdamC: Defazio 2025,
+            lr_max = ``initial_lr``, else the first nonzero lr; the paper applies it to
+            layers followed by a normalization) or ``"none"`` (η = 1).
+        metric: ``"euclidean"`` (default) or ``"adaptive"`` for prox rules: the prox in the
+            optimizer's diagonal metric (ProxGen), see ``_metric.py``.
+        stochastic_rounding: decoupled/prox rules on bf16/fp16 parameters round the result
+            stochastically, so the expected decay is kept.
+        cautious: decoupled rules (L1, L2, ElasticNet, L2SP) decay only the coordinates where
+            the optimizer's own update agrees in sign with the decay direction (Cautious
+            Weight Decay, Chen et al. 2025): θ ← θ − η·u − c·𝟙[u ⊙ ∇R(θ) ≥ 0] ⊙ ∇R(θ)/λ·λ,
+            with −η·u this step's update by the optimizer and ∇R at the weights before it.
+            With the mask all ones this is the plain decoupled step. Memory: one persistent
+            copy of the selected parameters (θ before the update is kept to find u). Needs
+            an optimizer step (not available to manual ``apply_decoupled``).
     """
+
+    #: whether ``cautious=True`` is available (an elementwise decay direction)
+    supports_cautious: bool = False
+    #: whether ``timescale=`` may replace ``strength`` (L2-type decay)
+    supports_timescale: bool = False
 
     #: whether ``prox`` is implemented (modes ``"prox"`` needs it)
     has_prox: bool = True
@@ -79,7 +99,7 @@ class Penalty(Rule):
 
     def __init__(
         self,
-        strength: Strength,
+        strength: Strength | None = None,
         *,
         on: _select.Selector | None = None,
         mode: str = "grad",
@@ -87,9 +107,37 @@ class Penalty(Rule):
         lr_coupling: str = "lr",
         metric: str = "euclidean",
         stochastic_rounding: bool = False,
+        cautious: bool = False,
+        timescale: float | None = None,
     ) -> None:
         super().__init__(on=on, mode=mode, name=name, lr_coupling=lr_coupling)
         cls = type(self).__name__
+        if not isinstance(cautious, bool):
+            raise TypeError(f"{cls}: cautious must be a bool, got {cautious!r}")
+        if cautious and (self.mode != "decoupled" or not self.supports_cautious):
+            raise ValueError(
+                f"{cls}: cautious=True needs mode='decoupled' and an elementwise decay "
+                "(L1, L2, ElasticNet, L2SP)"
+            )
+        self.cautious = cautious
+        self.timescale: float | None = None
+        if timescale is not None:
+            if not self.supports_timescale:
+                raise ValueError(f"{cls}: timescale= is only for L2 and L2SP")
+            if strength is not None:
+                raise ValueError(f"{cls}: give strength or timescale=, not both")
+            if self.mode != "decoupled":
+                raise ValueError(f"{cls}: timescale= needs mode='decoupled' (τ is a decay timescale)")
+            t = check_nonneg(timescale, "timescale", cls)
+            if t == 0:
+                raise ValueError(f"{cls}: timescale must be > 0 steps, got {timescale!r}")
+            self.timescale = t
+            strength = 1.0 / t
+        elif strength is None:
+            hint = " (or timescale= for a decoupled L2/L2SP)" if self.supports_timescale else ""
+            raise TypeError(f"{cls}.__init__() missing 1 required positional argument: 'strength'{hint}")
+        #: lr_peak of the first param group, for reporting λ of a timescale rule
+        self._lr_peak: float | None = None
         if self.mode == "prox" and not self.has_prox:
             raise ValueError(f"{cls}: mode='prox' is not available (no prox)")
         if metric not in METRICS:
@@ -116,6 +164,44 @@ class Penalty(Rule):
 
     def _prox(self, p: Tensor, lam: float, t: Scalar) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no prox")
+
+    def _decay_dir(self, p: Tensor, before: Tensor) -> Tensor:
+        """∇R/λ at ``before`` (the weights of ``p`` before the update), for ``cautious``."""
+        return self._grad(before, 1.0)
+
+    # ------------------------------------------------------------ timescale
+    def strength_at(self, step: int, rule: str | None = None) -> float:
+        """λ at the ``step``-th applied step. A ``timescale=T`` rule has λ = 1/(T·lr_peak)
+        under ``lr_coupling="lr"``/``"corrected"`` (lr_peak of its first param group, once
+        an optimizer step has seen it; 1/T before) and λ = 1/T otherwise."""
+        if self.timescale is None:
+            return super().strength_at(step, rule)
+        if self.lr_coupling in ("lr", "corrected") and self._lr_peak:
+            return 1.0 / (self.timescale * self._lr_peak)
+        return 1.0 / self.timescale
+
+    def step_strength(self, step: int, rule: str | None = None) -> float:
+        """The λ the step path multiplies with its step size η: for a timescale rule 1/T,
+        with η = lr/lr_peak (or (lr/lr_peak)² for ``"corrected"``, 1 for ``"none"``)."""
+        if self.timescale is not None:
+            return 1.0 / self.timescale
+        return self.strength_at(step, rule)
+
+    def timescale_at(self, step: int, lr_peak: float | None) -> float | None:
+        """τ in optimizer steps of a decoupled L2-type rule: 1/(η_peak·λ) (Wang & Aitchison
+        2025); None for other rules or while lr_peak is unknown under an lr coupling."""
+        if not self.supports_timescale or self.mode != "decoupled":
+            return None
+        if self.timescale is not None:
+            return self.timescale
+        lam = self.strength_at(step)
+        if self.lr_coupling in ("lr", "corrected"):
+            if not lr_peak:
+                return None
+            c = lam * lr_peak
+        else:
+            c = lam
+        return math.inf if c == 0 else 1.0 / c
 
     # ------------------------------------------------------------ public single-tensor API
     def value(self, p: Tensor, strength: float | None = None) -> Tensor:
@@ -254,9 +340,17 @@ class L2(Penalty):
     ``SGD/Adam/RMSprop(weight_decay=λ)`` bit for bit and ``mode="decoupled"`` (θ ← θ·(1 − lr·λ))
     equals ``AdamW(weight_decay=λ)`` bit for bit. Keras' ``l2(k)`` penalizes k·‖θ‖²: λ = 2k.
     prox_{tR}(θ) = θ / (1 + tλ).
+
+    ``timescale=T`` (decoupled only) instead of λ: the decay's EMA timescale in optimizer
+    steps (Wang & Aitchison, ICML 2025: τ = 1/(η·λ)), so the per-step decay at the peak lr is
+    1/T: λ = 1/(T·lr_peak) under ``lr_coupling="lr"`` (lr_peak = the group's ``initial_lr``,
+    else the first nonzero lr), λ = 1/T under ``"lr_ratio"``/``"none"``. Given as a fraction
+    of the run, τ transfers across model and data size better than λ does.
     """
 
     elementwise_prox = True
+    supports_cautious = True
+    supports_timescale = True
 
     def _value(self, p: Tensor, lam: float) -> Tensor:
         a = _acc(p)
@@ -298,6 +392,7 @@ class L1(Penalty):
     elementwise_prox = True
 
     reports_sparsity = True
+    supports_cautious = True
 
     def _value(self, p: Tensor, lam: float) -> Tensor:
         return lam * _acc(p).abs().sum()
@@ -341,6 +436,7 @@ class ElasticNet(Penalty):
     elementwise_prox = True
 
     reports_sparsity = True
+    supports_cautious = True
 
     def __init__(
         self,
@@ -353,6 +449,7 @@ class ElasticNet(Penalty):
         lr_coupling: str = "lr",
         metric: str = "euclidean",
         stochastic_rounding: bool = False,
+        cautious: bool = False,
     ) -> None:
         self.l1_ratio = check_ratio(l1_ratio, "l1_ratio", "ElasticNet")
         super().__init__(
@@ -363,6 +460,7 @@ class ElasticNet(Penalty):
             lr_coupling=lr_coupling,
             metric=metric,
             stochastic_rounding=stochastic_rounding,
+            cautious=cautious,
         )
 
     def _set_strength(self, strength, arg="alpha"):

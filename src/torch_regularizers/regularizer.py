@@ -365,6 +365,12 @@ class Regularizer:
         """Manual use: θ ← θ − c·∇R(θ) for every decoupled rule, on every selected parameter
         (with or without a gradient); ``lr`` defaults to each group's."""
         self._sync()
+        cautious = [b.name for b in self._bindings if getattr(b.rule, "cautious", False)]
+        if cautious:
+            raise ValueError(
+                f"apply_decoupled(): rules {cautious} are cautious=True: they decay by the sign of "
+                "the optimizer's update, which only an optimizer step makes (attach the optimizer)"
+            )
         for att in self._manual_targets():
             att.decoupled_phase(att.validate(lr, modes=("decoupled",)), live=False)
 

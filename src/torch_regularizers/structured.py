@@ -501,12 +501,18 @@ class L2SP(Penalty):
 
     Args:
         strength: λ.
-        reference: ``None`` (default): a copy of each selected parameter taken when the
-            :class:`~torch_regularizers.Regularizer` is constructed (typically the
-            pre-trained weights). Or a mapping name → tensor (e.g. a pre-trained model's
-            ``state_dict()``; an ``nn.Module`` is read through its ``state_dict()``), keyed by
-            the parameter names that ``tr.select`` uses; entries for unselected names are
-            ignored. Missing names and shape mismatches raise ``ValueError`` naming them.
+        reference: ``None`` or ``"init"`` (default): a copy of each selected parameter taken
+            when the :class:`~torch_regularizers.Regularizer` is constructed (typically the
+            pre-trained weights). ``"ema"`` with ``ema_decay=β``: the reference starts there
+            and follows θ, θ₀ ← β·θ₀ + (1 − β)·θ after every applied optimizer step (skipped
+            steps excluded; HeavyBall's "decay to EMA"). A number c: decay toward the
+            constant c (``tr.L2SP(1e-2, reference=1.0, on=tr.select.norms)`` pulls norm gains
+            toward 1; stored as a full tensor per parameter). Or a mapping name → tensor (e.g. a
+            pre-trained model's ``state_dict()``; an ``nn.Module`` is read through its
+            ``state_dict()``), keyed by the parameter names that ``tr.select`` uses; entries
+            for unselected names are ignored. Missing names and shape mismatches raise
+            ``ValueError`` naming them.
+        ema_decay: β for ``reference="ema"``.
 
     References live with the rule on the parameter's device and dtype, and are saved and
     restored exactly by ``reg.state_dict()``/``reg.load_state_dict()``. A rule instance
@@ -524,11 +530,15 @@ class L2SP(Penalty):
     #: the Regularizer passes DTensor parameters as they are (not their local shards)
     takes_dtensors = True
 
+    supports_cautious = True
+    supports_timescale = True
+
     def __init__(
         self,
-        strength: Strength,
-        reference: Mapping[str, Tensor] | nn.Module | None = None,
+        strength: Strength | None = None,
+        reference: Mapping[str, Tensor] | nn.Module | str | float | None = None,
         *,
+        ema_decay: float | None = None,
         on: _select.Selector | None = None,
         mode: str = "grad",
         name: str | None = None,
@@ -539,11 +549,28 @@ class L2SP(Penalty):
             raise ValueError("L2SP: stochastic_rounding=True is not supported")
         if isinstance(reference, nn.Module):
             reference = reference.state_dict()
-        if reference is not None and not isinstance(reference, Mapping):
+        if reference == "init":
+            reference = None
+        if isinstance(reference, str) and reference != "ema":
+            raise ValueError(f"L2SP: reference={reference!r} is not 'init', 'ema', a number or a mapping")
+        if isinstance(reference, bool) or not (
+            reference is None or isinstance(reference, (str, Mapping)) or isinstance(reference, (int, float))
+        ):
             raise TypeError(
-                f"L2SP: reference must be None, a mapping name -> tensor or a module, "
-                f"got {type(reference).__name__}"
+                "L2SP: reference must be None/'init', 'ema', a number, a mapping name -> tensor "
+                f"or a module, got {type(reference).__name__}"
             )
+        if isinstance(reference, (int, float)) and not isinstance(reference, bool):
+            if not math.isfinite(reference):
+                raise ValueError(f"L2SP: a constant reference must be finite, got {reference!r}")
+            reference = float(reference)
+        if reference == "ema":
+            if ema_decay is None:
+                raise ValueError("L2SP: reference='ema' needs ema_decay=β (e.g. 0.999)")
+            ema_decay = check_ratio(ema_decay, "ema_decay", "L2SP")
+        elif ema_decay is not None:
+            raise ValueError("L2SP: ema_decay= is only for reference='ema'")
+        self.ema_decay = ema_decay
         self.reference = reference
         self._names: list[str] = []
         self._params: list[Tensor] = []
@@ -553,7 +580,10 @@ class L2SP(Penalty):
 
     def _bind(self, names: list[str], params: list, modules: list | None = None) -> None:
         refs = []
-        if self.reference is None:
+        if isinstance(self.reference, float):  # decay toward a constant (e.g. norm gains to 1)
+            with torch.no_grad():
+                refs = [torch.full_like(p, self.reference) for p in params]
+        elif self.reference is None or self.reference == "ema":
             meta = [n for n, p in zip(names, params) if p.is_meta]
             if meta:
                 raise ValueError(
@@ -665,7 +695,7 @@ class L2SP(Penalty):
         and device); the others are taken from the new weights now."""
         old = dict(zip(self._names, self._refs))
         self._bind(names, params, modules)
-        if self.reference is not None:
+        if self.reference not in (None, "ema"):
             return
         for i, (n, p) in enumerate(zip(names, params)):
             r = old.get(n)
@@ -676,6 +706,17 @@ class L2SP(Penalty):
     def _unbind(self) -> None:
         super()._unbind()
         self._names, self._params, self._refs, self._by_id = [], [], [], {}
+
+    def _decay_dir(self, p: Tensor, before: Tensor) -> Tensor:
+        return before - _dist.local(self._ref(p)) if _dist.is_dtensor(self._ref(p)) else before - self._ref(p)
+
+    def ema_update_(self, params: Sequence[Tensor], weight: Scalar) -> None:
+        """``reference="ema"``: θ₀ ← β·θ₀ + (1 − β)·θ after an applied step, as
+        ``θ₀.lerp_(θ, weight)`` with ``weight`` = 1 − β (0 where the step was skipped)."""
+        with torch.no_grad():
+            for p in params:
+                r = self._ref(p)
+                _dist.local(r).lerp_(_dist.local(p).to(r.dtype), weight)
 
     def rule_state_dict(self) -> dict:
         return {"reference": {n: r.detach().clone() for n, r in zip(self._names, self._refs)}}
