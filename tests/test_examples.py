@@ -36,7 +36,7 @@ def check(p: subprocess.CompletedProcess) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["train_loop", "grad_accum_amp", "finetune_l2sp", "structured_pruning", "ddp_torchrun"],
+    ["train_loop", "grad_accum_amp", "finetune_l2sp", "structured_pruning", "ddp_torchrun", "muon_adamw"],
 )
 def test_example_quick(name):
     check(run_example([str(EXAMPLES / f"{name}.py"), "--quick"]))
