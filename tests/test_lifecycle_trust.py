@@ -659,3 +659,37 @@ def test_optimizer_of_replaced_parameters_is_dropped_at_the_next_attach():
     reg.attach(new)  # the old optimizer steps tensors the model no longer has
     assert reg.step == 0
     assert len(reg.state_dict()["optimizers"]) == 1
+
+
+# ------------------------------------------------------------------ hints (issue 15 item 8)
+def test_euclidean_prox_with_adam_hints_once_and_adaptive_does_not():
+    m = _model()
+    reg = tr.Regularizer(m, [tr.L1(1e-3, mode="prox")])
+    with pytest.warns(UserWarning, match=r"metric='euclidean' with Adam"):
+        reg.attach(torch.optim.Adam(m.parameters(), lr=0.1))
+    import warnings as _w
+
+    reg.detach()
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        reg.attach(torch.optim.Adam(m.parameters(), lr=0.1))  # once per rule
+        m2 = _model()
+        tr.Regularizer(m2, [tr.L1(1e-3, mode="prox", metric="adaptive")]).attach(torch.optim.Adam(m2.parameters()))
+        m3 = _model()
+        tr.Regularizer(m3, [tr.L1(1e-3, mode="prox")]).attach(torch.optim.SGD(m3.parameters(), lr=0.1))
+
+
+def test_prox_rule_that_zeroes_a_whole_tensor_says_so_once():
+    m = _model()
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    tr.Regularizer(m, [tr.L1(100.0, mode="prox")]).attach(opt)
+    _grads(m)
+    with pytest.warns(UserWarning, match=r"set every entry of 0\.weight, 1\.weight to exactly 0"):
+        opt.step()
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        for _ in range(3):
+            _grads(m)
+            opt.step()

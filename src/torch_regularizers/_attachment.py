@@ -35,6 +35,7 @@ non-finite one gives c = 0.
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
@@ -248,6 +249,8 @@ class Attachment:
             return
         self.after_update(plan)
         self.count(plan.found_inf)
+        if self.steps & (self.steps - 1) == 0:  # steps 1, 2, 4, 8, …: log2(n) syncs in all
+            self._warn_zeroed_tensors()
         self.plan, self.open = None, False
         self._forget()
         self.on_step_end()
@@ -492,6 +495,27 @@ class Attachment:
                 lam = plan.lam[bk.binding.name]
                 if ps and lam != 0:
                     self._update(bk, "prox", ps, lam, self._masked(plan, bk))
+
+    def _warn_zeroed_tensors(self) -> None:
+        """A prox rule that zeroed a whole selected tensor says so, once per rule: usually
+        λ is far too large for that tensor (or it was not meant to be selected)."""
+        for bk in self.buckets["prox"]:
+            rule = bk.binding.rule
+            if getattr(rule, "_warned_zeroed", False) or not bk.params:
+                continue
+            with torch.no_grad():
+                flags = torch.stack([(_dist.local(p) == 0).all() for p in bk.params]).tolist()
+            names = {id(i.param): i.name for i in bk.binding.infos}
+            zeroed = [names.get(id(p), "?") for p, z in zip(bk.params, flags) if z]
+            if zeroed:
+                rule._warned_zeroed = True
+                warnings.warn(
+                    f"rule {bk.binding.name!r} ({type(rule).__name__}, mode='prox') has set every "
+                    f"entry of {', '.join(zeroed[:8])} to exactly 0 (after {self.steps} steps): its "
+                    "strength is likely far too large for them, or they were not meant to be selected",
+                    UserWarning,
+                    stacklevel=2,
+                )
 
     def constraint_phase(self, plan: Plan, *, live: bool = True) -> None:
         """θ ← Π(θ) (masked by ``found_inf`` on device)."""

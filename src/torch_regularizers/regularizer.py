@@ -236,6 +236,7 @@ class Regularizer:
             self._attachments.append(att)
             _ATTACHED.setdefault(att.opt, weakref.WeakSet()).add(self)
             check_double_decay(self, att.opt)
+            self._hint_metric(att)
         self._scaler = scaler if scaler is not None else self._scaler
         self._last_detached = []
         self._activity_register()
@@ -312,6 +313,35 @@ class Regularizer:
                     f"parameters: {self._names_of(shared)}. Both would apply in every step (e.g. "
                     "L2 twice). Put all rules in one Regularizer, or select disjoint parameters"
                 )
+
+    _ADAPTIVE = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad", "RMSprop", "SparseAdam")
+
+    def _hint_metric(self, att: Attachment) -> None:
+        """Euclidean prox with an adaptive optimizer: say once why zeros may come and go."""
+        if not isinstance(att.opt, tuple(getattr(torch.optim, n) for n in self._ADAPTIVE if hasattr(torch.optim, n))):
+            return
+        names = sorted(
+            {
+                bk.binding.name
+                for bk in att.buckets["prox"]
+                if getattr(bk.binding.rule, "elementwise_prox", False)
+                and getattr(bk.binding.rule, "metric", "") == "euclidean"
+                and not getattr(bk.binding.rule, "_hinted_metric", False)
+            }
+        )
+        if not names:
+            return
+        for n in names:
+            self.rules[n]._hinted_metric = True
+        warnings.warn(
+            f"prox rules {names} use metric='euclidean' with {type(att.opt).__name__}: the prox "
+            "thresholds every coordinate by lr·λ while the optimizer moves coordinate i by about "
+            "lr/(√v̂ᵢ+ε), so exact zeros may appear and vanish erratically. metric='adaptive' "
+            "thresholds in the optimizer's own metric (re-tune λ when switching: the same λ gives "
+            "far more zeros there). See the README FAQ",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def _names_of(self, ids: set[int], limit: int = 8) -> str:
         names = [i.name for i in self._index.params if id(i.param) in ids]
