@@ -35,10 +35,12 @@ non-finite one gives c = 0.
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, Callable
 
 import torch
@@ -50,6 +52,10 @@ from ._metric import adaptive_step
 from ._precision import LOW_PRECISION, stochastic_round_
 
 __all__ = ["STEP_ORDER", "Attachment", "Bucket", "Plan", "binding_value", "sum_values", "unwrap_optimizer"]
+
+_GRAD = operator.attrgetter("grad")
+_TRAINABLE = operator.attrgetter("requires_grad")
+_VERSION = operator.attrgetter("_version")
 
 #: The phases of one regularized optimizer step, in order (see the module docstring).
 STEP_ORDER = (
@@ -90,14 +96,16 @@ class Bucket:
     kept: list[Tensor] | None = None
 
     def live(self) -> tuple[list[Tensor], list[Tensor]]:
-        """Parameters that take part in an optimizer step (trainable, with a gradient), and grads."""
-        ps, gs = [], []
-        for p in self.params:
-            g = p.grad
-            if g is not None and p.requires_grad:
-                ps.append(p)
-                gs.append(g)
-        return ps, gs
+        """Parameters that take part in an optimizer step (trainable, with a gradient), and grads.
+
+        The common case (every parameter has a gradient and is trainable) is checked with
+        C-level ``map`` passes: the per-step cost is a few tens of ns per tensor."""
+        ps = self.params
+        gs = list(map(_GRAD, ps))
+        if all(map(operator.is_not, gs, repeat(None))) and all(map(_TRAINABLE, ps)):
+            return ps, gs
+        keep = [i for i, (p, g) in enumerate(zip(ps, gs)) if g is not None and p.requires_grad]
+        return [ps[i] for i in keep], [gs[i] for i in keep]
 
     def trainable(self) -> list[Tensor]:
         """Manual use: every trainable parameter, with or without a gradient."""
@@ -154,8 +162,8 @@ class Attachment:
         self.groups_sig: tuple = ()
         self.plan: Plan | None = None
         self.open = False  # a step's pre-hook ran and its post-hook did not (it raised)
-        #: what the open step changed, per phase: id -> (tensor, its version after the phase)
-        self.done: dict[str, dict[int, tuple[Tensor, int]]] = {}
+        #: what the open step changed, per phase: (tensors, their versions after the phase)
+        self.done: dict[str, tuple[list[Tensor], list[int]]] = {}
         self.on_step_end: Callable[[], None] = lambda: None
         self.rebuild()
 
@@ -481,11 +489,12 @@ class Attachment:
     def _record(self, phase: str, tensors: list[Tensor]) -> None:
         """Remember the version of every tensor a phase handled, after the whole phase (two
         rules on one tensor bump its version twice)."""
-        self.done[phase] = {id(t): (t, t._version) for t in tensors}
+        self.done[phase] = (tensors, list(map(_VERSION, tensors)))
 
     def _already_done(self, phase: str) -> set[int]:
         """ids of the tensors the open step's ``phase`` handled and nobody touched since."""
-        return {i for i, (t, v) in self.done.get(phase, {}).items() if t._version == v}
+        tensors, versions = self.done.get(phase, ((), ()))
+        return {id(t) for t, v in zip(tensors, versions) if t._version == v}
 
     def prox_phase(self, plan: Plan, *, live: bool = True) -> None:
         """θ ← prox_{c·R}(θ)."""
