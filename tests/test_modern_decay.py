@@ -371,3 +371,25 @@ def test_adaptive_metric_refuses_muon():
     reg = tr.Regularizer(m, [tr.L1(0.1, mode="prox", metric="adaptive")])
     with pytest.raises(ValueError, match=r"metric='adaptive'.*Muon"):
         reg.attach(torch.optim.Muon(m.parameters(), lr=0.02))
+
+
+# ------------------------------------------------------------------ configs and summary cover the new options
+@pytest.mark.parametrize(
+    ("rule", "attrs"),
+    [
+        (lambda: tr.L2(0.1, mode="decoupled", cautious=True), {"cautious": True, "mode": "decoupled"}),
+        (lambda: tr.L1(0.1, mode="decoupled", cautious=True), {"cautious": True}),
+        (lambda: tr.L2(0.1, mode="decoupled", lr_coupling="corrected"), {"lr_coupling": "corrected"}),
+        (lambda: tr.L2SP(0.1, reference="ema", ema_decay=0.99), {"reference": "ema", "ema_decay": 0.99}),
+        (lambda: tr.L2SP(0.1, reference=1.0, on=tr.select.all), {"reference": 1.0}),
+        (lambda: tr.L2SP(timescale=500, mode="decoupled", cautious=True), {"timescale": 500.0, "cautious": True}),
+    ],
+)
+def test_new_options_round_trip_through_configs(rule, attrs):
+    m = _linear()
+    reg = tr.Regularizer(m, [rule()])
+    back = tr.Regularizer.from_config(m, reg.to_config())
+    (r,) = back.rules.values()
+    for k, v in attrs.items():
+        assert getattr(r, k) == v, k
+    assert back.to_config() == reg.to_config()
