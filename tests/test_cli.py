@@ -3,8 +3,12 @@
 * ``demo --quick`` exits 0, prints the table with every method, writes a valid PNG;
 * ``inspect MODULE:FACTORY [--config]`` prints what each parameter gets; the expected names
   come from the model itself (``named_parameters``), not from the summary code;
-* bad input exits 2 with one line on stderr, never a traceback;
-* (slow) a fresh virtual environment runs the README's two commands as written.
+* bad input exits 2 with one line on stderr, never a traceback; a typo'd config key gets the
+  closest valid key, a YAML syntax error its line and column;
+* notes go to stderr, tables to stdout; a stdout closed early (``| head``) ends quietly;
+* progress bars only on a terminal unless asked;
+* (``TR_FRESH_VENV=1``, a step of ``.ci/run`` of its own) a fresh virtual environment runs the
+  README's two commands as written.
 """
 
 from __future__ import annotations
@@ -79,8 +83,83 @@ def test_demo_quick_exits_0_and_prints_every_method(quick_demo):
         row = [ln for ln in table.splitlines() if ln.startswith(name + " ")]
         assert len(row) == 1, (name, table)
         assert re.search(r"\d+\.\d%\s+\d+\.\d%\s+\d+/512\s+\d+\.\d+s", row[0]), row[0]
-    # progress bars went to stderr
-    assert "step" in p.stderr and "100%" in p.stderr
+    # stderr is a pipe here, not a terminal: no progress bars (see test_demo_progress_bars_*)
+    assert "\r" not in p.stderr and "100%" not in p.stderr, p.stderr[-500:]
+
+
+def _bars(text: str) -> bool:
+    """tqdm's bars: a percentage, a step count and its carriage-return redraws."""
+    return "100%" in text and "step" in text
+
+
+def test_demo_progress_bars_when_asked_with_stderr_not_a_terminal(tmp_path):
+    p = run_cli("demo", "--epochs", "1", "--progress", "--out", str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    assert _bars(p.stderr), p.stderr[-500:]
+    assert not _bars(p.stdout)  # never on stdout, the table's stream
+
+
+def _run_with_stderr_on_a_terminal(*args: str) -> tuple[int, str, str]:
+    """Run the CLI with stderr on a pseudo-terminal (stdout a pipe); returns rc, stdout, stderr."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # rows, cols
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch_regularizers", *args], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=slave, text=True,
+    )
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain():
+        while True:
+            try:
+                b = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's last writer is gone
+                return
+            if not b:
+                return
+            chunks.append(b)
+
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    out = proc.stdout.read()
+    rc = proc.wait(timeout=300)
+    t.join(timeout=30)
+    os.close(master)
+    return rc, out, b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pseudo-terminal test: Linux")
+def test_demo_progress_bars_by_default_only_on_a_terminal(tmp_path):
+    rc, out, err = _run_with_stderr_on_a_terminal("demo", "--epochs", "1", "--out", str(tmp_path))
+    assert rc == 0, err[-2000:]
+    assert _bars(err), err[-500:]
+    assert "method " in out and not _bars(out)
+    rc, out, err = _run_with_stderr_on_a_terminal(
+        "demo", "--epochs", "1", "--no-progress", "--out", str(tmp_path)
+    )
+    assert rc == 0, err[-2000:]
+    assert not _bars(err), err[-500:]
+
+
+def test_demo_progress_default_follows_stderr():
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert demo._show_progress(None, Tty()) is True
+    assert demo._show_progress(None, io.StringIO()) is False
+    assert demo._show_progress(True, io.StringIO()) is True
+    assert demo._show_progress(False, Tty()) is False
 
 
 def test_demo_quick_writes_a_valid_png(quick_demo):
@@ -320,6 +399,117 @@ def test_inspect_bad_config_exits_2_with_one_line(tmp_path, fname, text, needles
     assert_one_line_error(p, *needles)
 
 
+def test_inspect_typo_in_a_config_key_suggests_the_closest_key(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("rules:\n  - type: L2\n    strenght: 1.0e-4\n")
+    line = assert_one_line_error(
+        run_cli("inspect", "examples/train_loop.py:make_model", "--config", str(path)),
+        "rules[0].strenght", "did you mean 'strength'?",
+    )
+    assert line.index("did you mean") < line.index("expected one of")  # before the long list
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps({"rules": [{"type": "GroupLaso", "strength": 1e-3}]}))
+    assert_one_line_error(
+        run_cli("inspect", "examples/train_loop.py:make_model", "--config", str(path)),
+        "rules[0].type", "'GroupLaso'", "did you mean 'GroupLasso'?",
+    )
+
+
+@pytest.mark.parametrize(
+    "text, where, problem",
+    [
+        ("rules: [\n  - {type: L2\n", "at line 2, column 3", "expected the node content"),
+        ("rules:\n  - type: L2\n    strength: 1.0e-4\n   mode: prox\n", "at line 4, column 4",
+         "expected <block end>"),
+    ],
+)
+def test_inspect_yaml_syntax_error_keeps_line_and_column_on_one_readable_line(tmp_path, text, where, problem):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    p = run_cli("inspect", "examples/train_loop.py:make_model", "--config", str(path))
+    line = assert_one_line_error(p, "invalid YAML", where, problem)
+    # PyYAML's own layout (a caret under the source line, "<unicode string>") does not survive
+    # being put on one line: the message names the file and quotes the line instead
+    assert "<unicode string>" not in line and "^" not in line, line
+    assert line.count(str(path)) == 1, line
+    assert re.search(r"line \d+ reads '", line), line
+
+
+def test_inspect_json_syntax_error_has_line_and_column(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{"rules": [\n  {"type": "L2",}\n]}')
+    line = assert_one_line_error(
+        run_cli("inspect", "examples/train_loop.py:make_model", "--config", str(path)),
+        "invalid JSON at line 2, column 17",
+    )
+    assert line.count(str(path)) == 1, line
+
+
+def test_inspect_notes_go_to_stderr_and_the_table_to_stdout():
+    p = run_cli("inspect", "examples/train_loop.py:make_model")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("Regularizer on "), p.stdout[:200]
+    assert "(no --config" not in p.stdout
+    assert "(no --config: showing the default tr.L2(1e-4)" in p.stderr
+
+
+@needs_from_config
+def test_inspect_shows_a_scheduled_strength_as_its_schedule(tmp_path):
+    path = tmp_path / "warmup.json"
+    path.write_text(json.dumps({"rules": [
+        {"type": "L1", "mode": "prox",
+         "strength": {"type": "linear_warmup", "value": 1e-3, "warmup_steps": 10}},
+    ]}))
+    p = run_cli("inspect", "examples/train_loop.py:make_model", "--config", str(path))
+    assert p.returncode == 0, p.stderr
+    rows = [r for n, r in _rows(p.stdout).items() if n.endswith(".weight")]
+    assert rows
+    for row in rows:
+        assert "l1:prox λ=linear_warmup(0→0.001, 10 steps)" in row, row
+        assert not re.search(r"λ=0(?![.\d→])", row), row  # not a bare λ=0, which reads as "off"
+
+
+def _wide_model_file(tmp_path) -> Path:
+    # 3000 layers: a summary of some 300 KB, more than a pipe holds, so the writer is still
+    # writing when the reader goes away
+    (tmp_path / "wide.py").write_text(
+        "import torch.nn as nn\n\n\ndef make():\n    return nn.ModuleList(nn.Linear(2, 2) for _ in range(3000))\n"
+    )
+    return tmp_path
+
+
+def test_inspect_into_a_pipe_closed_early_exits_quietly(tmp_path):
+    """``inspect ... | head -3``: no BrokenPipeError traceback, exit 0, nothing on stderr but
+    the note."""
+    cwd = _wide_model_file(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch_regularizers", "inspect", "wide.py:make"],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    head = [proc.stdout.readline() for _ in range(3)]
+    proc.stdout.close()  # what `head -3` does after its three lines
+    err = proc.stderr.read()
+    rc = proc.wait(timeout=300)
+    assert head[0].startswith("Regularizer on ModuleList"), head
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
+    assert rc == 0, (rc, err)
+    assert err.strip().splitlines() == ["(no --config: showing the default tr.L2(1e-4) on tr.select.weights)"]
+
+
+@pytest.mark.skipif(shutil.which("head") is None or shutil.which("bash") is None, reason="needs bash and head")
+def test_inspect_piped_to_head_in_a_shell(tmp_path):
+    cwd = _wide_model_file(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    p = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {sys.executable} -m torch_regularizers inspect wide.py:make | head -3"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert p.returncode == 0, (p.returncode, p.stderr)
+    assert len(p.stdout.splitlines()) == 3
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+
+
 def test_usage_and_help():
     p = run_cli("--help")
     assert p.returncode == 0
@@ -359,7 +549,7 @@ def test_bench_missing_exits_2_one_line(monkeypatch, capsys):
     assert len(err) == 1 and "benchmark is not available" in err[0]
 
 
-# --------------------------------------------------------------------------- fresh venv (slow)
+# --------------------------------------------------------------------------- fresh venv (own CI step)
 
 
 def _readme_commands() -> list[str]:
@@ -375,14 +565,32 @@ def test_readme_opens_with_the_two_commands():
     assert test_cmd == 'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q'
 
 
+FRESH_VENV = "TR_FRESH_VENV"
+
+
+def test_ci_runs_the_readme_test_command_then_the_fresh_venv_check_on_its_own():
+    steps = [
+        ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()
+        if ln.strip() and not ln.lstrip().startswith("#")
+    ]
+    test_cmd = _readme_commands()[1]
+    assert test_cmd in steps  # verbatim, as a line of its own
+    fresh = [i for i, ln in enumerate(steps) if f"{FRESH_VENV}=1" in ln and "fresh_venv" in ln]
+    assert fresh and fresh[0] > steps.index(test_cmd), steps  # after the suite, a step of its own
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("TR_IN_FRESH_VENV") == "1", reason="already inside the fresh-venv check")
-@pytest.mark.skipif(os.environ.get("TR_SKIP_FRESH_VENV") == "1", reason="TR_SKIP_FRESH_VENV=1 (run by .ci/run)")
+@pytest.mark.skipif(
+    os.environ.get(FRESH_VENV) != "1",
+    reason=f"reinstalls everything and reruns the suite: .ci/run runs it as a step of its own "
+    f"after the suite ({FRESH_VENV}=1 python -m pytest -q tests/test_cli.py -k fresh_venv)",
+)
 def test_readme_commands_in_a_fresh_venv(tmp_path):
     """A plain venv (no system site-packages), a copy of the repo, the README's commands verbatim.
 
-    The test command runs the whole suite inside the venv (this test skips itself there).
-    Packages come from the local wheel folder / index the machine's pip is configured with.
+    The test command runs the whole suite inside the venv, where this test skips itself
+    (``TR_FRESH_VENV`` is not passed on). Packages come from the local wheel folder / index
+    the machine's pip is configured with.
     """
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
@@ -395,11 +603,12 @@ def test_readme_commands_in_a_fresh_venv(tmp_path):
             "demo_out", ".venv", "build", "dist",
         ),
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", FRESH_VENV)
+    }
     env.update(
         PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
         VIRTUAL_ENV=str(venv),
-        TR_IN_FRESH_VENV="1",
         MPLBACKEND="Agg",
     )
     times = {}

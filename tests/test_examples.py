@@ -43,7 +43,7 @@ def test_example_quick(name):
 
 
 def test_every_example_is_tested():
-    tested = {"train_loop", "grad_accum_amp", "finetune_l2sp", "structured_pruning", "ddp_torchrun"}
+    tested = {"train_loop", "grad_accum_amp", "finetune_l2sp", "structured_pruning", "ddp_torchrun", "muon_adamw"}
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as _dist
+from . import schedules as _sched
 from ._binding import Binding
 from .penalties import Penalty
 
@@ -21,6 +22,38 @@ __all__ = ["format_summary", "stats", "summary_dict"]
 
 def _fmt_strength(v: float) -> str:
     return f"{v:.4g}"
+
+
+def _describe_schedule(s: Any) -> str:
+    """A schedule as a reader wants it: where it starts and ends, over how many steps."""
+    f = _fmt_strength
+    if isinstance(s, _sched.Constant):
+        return f(s.value)
+    if isinstance(s, _sched.LinearWarmup):
+        v = _describe_schedule(s.value) if callable(s.value) else f(s.value)
+        return f"linear_warmup({f(s.start)}→{v}, {s.warmup_steps} steps)"
+    if isinstance(s, _sched.Cosine):
+        return f"cosine({f(s.value)}→{f(s.final)}, {s.total_steps} steps)"
+    if isinstance(s, _sched.Step):
+        return f"step({f(s.value)}, ×{f(s.gamma)} every {s.step_size} steps)"
+    if isinstance(s, _sched.MultiStep):
+        ms = ", ".join(map(str, s.milestones[:4])) + (", …" if len(s.milestones) > 4 else "")
+        return f"multistep({f(s.value)}, ×{f(s.gamma)} at steps {ms})"
+    if isinstance(s, _sched.Schedule):
+        return repr(s)
+    return f"{getattr(s, '__name__', type(s).__name__)}(step)"  # any f(step) -> float
+
+
+def _strength_text(strength: Any, value: Any, step: int) -> str | None:
+    """What ``summary()`` prints after ``λ=``: the number, or for a schedule the schedule
+    itself (a warm-up is 0 before training, which would read as "off") and, once training
+    has started or when the schedule is opaque code, its value now."""
+    if not callable(strength):
+        return _fmt_strength(value) if isinstance(value, float) else None
+    text = _describe_schedule(strength)
+    if isinstance(strength, _sched.Constant) or (step == 0 and isinstance(strength, _sched.Schedule)):
+        return text
+    return f"{text} = {_fmt_strength(value)} at step {step}"
 
 
 def _group_of(optimizers: list[torch.optim.Optimizer], p: nn.Parameter) -> dict | None:
@@ -65,8 +98,13 @@ def summary_dict(
             "mode": b.rule.mode,
             "kind": type(b.rule).__name__,
         }
+        text = _strength_text(b.rule.strength, strength, step) if isinstance(b.rule, Penalty) else None
+        if text is None and isinstance(strength, float):
+            text = _fmt_strength(strength)
         for info in b.infos:
             entry = {"rule": b.name, "mode": b.rule.mode, "strength": strength}
+            if text is not None:
+                entry["strength_text"] = text  # `strength` stays the float in effect now
             tau = _timescale(b.rule, step, _group_of(optimizers, info.param))
             if tau is not None:
                 entry["timescale"] = tau
@@ -101,7 +139,8 @@ def format_summary(d: dict[str, Any], model_name: str) -> str:
         rules = "; ".join(
             f"{r['rule']}:{r['mode']}"
             + (
-                f" {'cap' if r['mode'] == 'constraint' else 'λ'}={_fmt_strength(r['strength'])}"
+                f" {'cap' if r['mode'] == 'constraint' else 'λ'}="
+                + (r.get("strength_text") or _fmt_strength(r["strength"]))
                 if isinstance(r["strength"], float)
                 else ""
             )

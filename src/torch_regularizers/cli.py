@@ -7,7 +7,8 @@
   regularizer summary (which parameter gets which rule, what is left out), no training.
 
 User errors (bad module path, factory, config, device) exit with code 2 and a
-one-line message on stderr, never a traceback.
+one-line message on stderr, never a traceback. Notes go to stderr, results (tables) to
+stdout; a stdout closed early (``| head``) ends the command quietly with exit code 0.
 """
 
 from __future__ import annotations
@@ -116,7 +117,11 @@ def load_config(path: str) -> Any:
 
     try:
         cfg = _load(path)
-    except (OSError, UnicodeDecodeError, ImportError, ValueError, RecursionError) as e:
+    except ValueError as e:  # the loader's own messages name the file and the place in it
+        msg = str(e)
+        msg = msg[len(f"{path}: "):] if msg.startswith(f"{path}: ") else msg
+        raise CLIError(f"cannot read config {path}: {msg}") from None
+    except (OSError, UnicodeDecodeError, ImportError, RecursionError) as e:
         raise CLIError(f"cannot read config {path}: {_exc(e)}") from None
     if cfg is None:
         raise CLIError(f"config {path} is empty")
@@ -139,7 +144,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             reg = tr.Regularizer(model, [tr.L2(1e-4)])
         except ValueError as e:
             raise CLIError(f"default rule tr.L2(1e-4) on weights: {_exc(e)}") from None
-        print("(no --config: showing the default tr.L2(1e-4) on tr.select.weights)")
+        # a note, not output: stderr, so that stdout is the table alone
+        print("(no --config: showing the default tr.L2(1e-4) on tr.select.weights)", file=sys.stderr)
     print(reg.summary())
     return 0
 
@@ -225,16 +231,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``... | head -3``): stop quietly, like other CLIs.
+
+    What is still buffered for stdout cannot be written; stdout is pointed at ``os.devnull`` so
+    that the interpreter's final flush does not raise again. Exit 0: the reader asked for less.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor
+        pass
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m torch_regularizers`` and the ``torch-regularizers`` script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "bench":
-            return cmd_bench(argv[1:])
-        args = build_parser().parse_args(argv)
-        if args.command == "inspect":
-            return cmd_inspect(args)
-        return cmd_demo(args)
+            rc = cmd_bench(argv[1:])
+        else:
+            args = build_parser().parse_args(argv)
+            rc = cmd_inspect(args) if args.command == "inspect" else cmd_demo(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        return _stdout_closed()
     except CLIError as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2

@@ -44,6 +44,7 @@ checked before they are parsed into objects, so a 5000-deep file is a ``ValueErr
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import os
@@ -208,7 +209,7 @@ def load_config(cfg: Any) -> Any:
                 _check_yaml_depth(text, f"{path}: ", yaml)
                 data = yaml.safe_load(text)
             except yaml.YAMLError as e:
-                raise ValueError(f"{path}: invalid YAML: {e}") from None
+                raise ValueError(_yaml_error(e, path, text)) from None
             except RecursionError:  # pragma: no cover - _check_yaml_depth comes first
                 raise _too_deep((), f"{path}: ") from None
         elif suffix == ".json":
@@ -216,7 +217,9 @@ def load_config(cfg: Any) -> Any:
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON: {e}") from None
+                raise ValueError(
+                    f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+                ) from None
             except RecursionError:  # pragma: no cover - _check_json_depth comes first
                 raise _too_deep((), f"{path}: ") from None
         else:
@@ -225,6 +228,37 @@ def load_config(cfg: Any) -> Any:
         return data
     check_depth(cfg)
     return cfg
+
+
+def _yaml_error(e: Exception, path: Any, text: str) -> str:
+    """A PyYAML error on one line: ``file: invalid YAML at line L, column C: problem (context
+    at line L', column C'); line L reads '...'`` (PyYAML's own text spans several lines)."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem is None or mark is None:
+        flat = " ".join(str(e).split()).replace(' in "<unicode string>",', "")
+        return f"{path}: invalid YAML: {flat}"
+    out = f"{path}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context:
+        where = ""
+        if cmark is not None and (cmark.line, cmark.column) != (mark.line, mark.column):
+            where = f" at line {cmark.line + 1}, column {cmark.column + 1}"
+        out += f" ({context}{where})"
+    lines = text.splitlines()
+    src = lines[mark.line].strip() if mark.line < len(lines) else ""
+    if src:
+        out += f"; line {mark.line + 1} reads {src if len(src) <= 60 else src[:57] + '...'!r}"
+    return out
+
+
+def _did_you_mean(word: Any, options: Any, norm: Any = None) -> str:
+    """`` (did you mean 'strength'?)`` for the option closest to a misspelled ``word``; ``""``
+    when nothing is close. ``norm`` compares normalized spellings (rule types)."""
+    if not isinstance(word, str) or not word:
+        return ""
+    by = {(norm(o) if norm else o): o for o in options if isinstance(o, str)}
+    m = difflib.get_close_matches(norm(word) if norm else word, list(by), n=1, cutoff=0.6)
+    return f" (did you mean {by[m[0]]!r}?)" if m else ""
 
 
 def _norm(name: str) -> str:
@@ -302,9 +336,10 @@ def _resolve_type(name: Any, model: nn.Module, classes: dict[str, list[type]], p
     if isinstance(t, type) and issubclass(t, nn.Module) and t not in found:
         found.append(t)
     if not found:
+        known = [*classes, *(n for n, c in vars(nn).items() if isinstance(c, type) and issubclass(c, nn.Module))]
         raise ValueError(
-            f"{path}: unknown module type {name!r}: not in torch.nn and no module of "
-            f"{type(model).__name__} has a class of that name"
+            f"{path}: unknown module type {name!r}{_did_you_mean(short, known)}: not in torch.nn "
+            f"and no module of {type(model).__name__} has a class of that name"
         )
     return found
 
@@ -334,7 +369,8 @@ def parse_selector(spec: Any, model: nn.Module, path: str = "on") -> _select.Sel
             sel = _select.PRESETS.get(s)
             if sel is None:
                 raise ValueError(
-                    f"{p}: unknown selector preset {s!r}; presets are {sorted(_select.PRESETS)} "
+                    f"{p}: unknown selector preset {s!r}{_did_you_mean(s, _select.PRESETS)}; "
+                    f"presets are {sorted(_select.PRESETS)} "
                     "(use {name: 'glob'} or {regex: '...'} to select by name)"
                 )
             return sel
@@ -390,7 +426,10 @@ def parse_selector(spec: Any, model: nn.Module, path: str = "on") -> _select.Sel
                 elif key == "not":
                     parts.append(~parse(val, kp))
                 else:
-                    raise ValueError(f"{kp}: unknown selector key; expected one of {list(SELECTOR_KEYS)}")
+                    raise ValueError(
+                        f"{kp}: unknown selector key{_did_you_mean(key, SELECTOR_KEYS)}; "
+                        f"expected one of {list(SELECTOR_KEYS)}"
+                    )
             return _fold(parts, "&")
         raise ValueError(f"{p}: a selector is a preset name, a list or a mapping, got {s!r}")
 
@@ -419,7 +458,10 @@ def parse_module_selector(spec: Any, model: nn.Module, path: str = "on") -> list
         elif key == "name":
             out += _strs(val, kp)
         else:
-            raise ValueError(f"{kp}: unknown key; an activity rule's on= takes modules, name")
+            raise ValueError(
+                f"{kp}: unknown key{_did_you_mean(key, ('modules', 'name'))}; "
+                "an activity rule's on= takes modules, name"
+            )
     return out
 
 
@@ -512,9 +554,10 @@ def _parse_rule(spec: Any, model: nn.Module, path: str, types: dict[str, type[Ru
         raise ValueError(f"{path}: a rule is a mapping with a 'type' key, got {spec!r}")
     kind = spec.get("type")
     if not isinstance(kind, str) or _norm(kind) not in types:
+        names = sorted(t.__name__ for t in types.values())
         raise ValueError(
-            f"{path}.type: unknown rule type {kind!r}; expected one of "
-            f"{sorted(t.__name__ for t in types.values())}"
+            f"{path}.type: unknown rule type {kind!r}{_did_you_mean(kind, names, _norm)}; "
+            f"expected one of {names}"
         )
     cls = types[_norm(kind)]
     sig = _signature(cls)
@@ -534,7 +577,10 @@ def _parse_rule(spec: Any, model: nn.Module, path: str, types: dict[str, type[Ru
                 kwargs["on"] = parse_selector(val, model, kp)
         elif key not in sig:
             allowed = ["type", *sig, "exclude"] if "on" in sig else ["type", *sig]
-            raise ValueError(f"{kp}: unknown key for {cls.__name__}; expected one of {allowed}")
+            raise ValueError(
+                f"{kp}: unknown key for {cls.__name__}{_did_you_mean(key, allowed)}; "
+                f"expected one of {allowed}"
+            )
         elif key in _STRENGTH_ARGS:
             kwargs[key] = _parse_strength(val, kp)
         elif key == "name":
@@ -571,7 +617,9 @@ def from_config(model: nn.Module, cfg: Any, cls: type | None = None, **overrides
         raise ValueError(f"a regularizer config is a mapping with a 'rules' list, got {type(data).__name__}")
     for key in data:
         if key not in TOP_KEYS:
-            raise ValueError(f"{key}: unknown key; expected one of {list(TOP_KEYS)}")
+            raise ValueError(
+                f"{key}: unknown key{_did_you_mean(key, TOP_KEYS)}; expected one of {list(TOP_KEYS)}"
+            )
     rules_spec = data.get("rules")
     if not isinstance(rules_spec, list):
         raise ValueError(f"rules: expected a list of rules, got {rules_spec!r}")

@@ -353,6 +353,79 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
+#: |w| axis of the histograms: 10**HIST_LO .. 10**HIST_HI; magnitudes outside it get their own bars
+HIST_LO, HIST_HI = -6.0, 1.0
+
+
+def magnitude_counts(w: torch.Tensor, lo: float = HIST_LO, hi: float = HIST_HI) -> dict[str, Any]:
+    """|w| sorted into: exact zeros, ``0 < |w| < 10**lo``, in range (``values``), ``> 10**hi``.
+
+    Nothing is clamped: every entry of ``w`` is in exactly one of the four.
+    """
+    a = w.detach().flatten().abs().float().cpu()
+    zero = a == 0
+    under = (a > 0) & (a < 10**lo)
+    over = a > 10**hi
+    inside = ~(zero | under | over)
+    return {"zeros": int(zero.sum()), "under": int(under.sum()), "over": int(over.sum()),
+            "values": a[inside], "total": a.numel()}
+
+
+def _box_distance(bb, q) -> float:
+    """Display distance from a point to a box (0 inside)."""
+    dx = max(bb.x0 - q[0], 0.0, q[0] - bb.x1)
+    dy = max(bb.y0 - q[1], 0.0, q[1] - bb.y1)
+    return math.hypot(dx, dy)
+
+
+def place_labels(ax, points, labels, *, fontsize: float = 8) -> list:
+    """Annotate each point with its label: the first of a few candidate spots (right, left,
+    above, below, then farther out with a leader line) whose text box stays inside the axes,
+    overlaps no other label and no marker, and — without a leader line — is nearer its own
+    point than any other, so that no label can be read as another point's. Returns the
+    annotations."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = ax.get_window_extent(renderer)
+    disp = [tuple(ax.transData.transform(p)) for p in points]
+    r_px = 6.0 * fig.dpi / 72  # a marker's radius (s=70 is ~8.4 pt across), in pixels
+    near = [(10, 0, "left"), (-10, 0, "right"), (0, 11, "center"), (0, -11, "center"),
+            (8, 9, "left"), (-8, 9, "right"), (8, -9, "left"), (-8, -9, "right")]
+    far = [(dx * k, dy * k, ha) for k in (2.2, 3.4) for dx, dy, ha in near[4:] + near[:4]]
+    placed: list = []
+    out = []
+    for i, ((x, y), label) in enumerate(zip(points, labels)):
+        px, py = disp[i]
+        order = near if px < box.x0 + 0.6 * box.width else [near[1], near[0], *near[2:]]
+        for dx, dy, ha in order + far:
+            kw = dict(textcoords="offset points", xytext=(dx, dy), ha=ha, va="center", fontsize=fontsize)
+            t = ax.annotate(label, (x, y), **kw)  # measured without its leader line
+            bb = t.get_window_extent(renderer).expanded(1.04, 1.1)
+            others = [_box_distance(bb, q) for j, q in enumerate(disp) if j != i]
+            clash = (
+                bb.x0 < box.x0 or bb.x1 > box.x1 or bb.y0 < box.y0 or bb.y1 > box.y1
+                or any(bb.overlaps(o) for o in placed)
+                or any(d < r_px for d in others)
+                or ((dx, dy, ha) in near and others and min(others) <= 1.5 * _box_distance(bb, (px, py)))
+            )
+            if not clash:
+                if (dx, dy, ha) not in near:
+                    t.remove()
+                    line = dict(arrowstyle="-", lw=0.6, color="0.4", shrinkA=1, shrinkB=5)
+                    t = ax.annotate(label, (x, y), arrowprops=line, **kw)
+                break
+            t.remove()
+        else:  # no free spot: the first one, overlapping, rather than no label
+            dx, dy, ha = order[0]
+            t = ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha,
+                            va="center", fontsize=fontsize)
+            bb = t.get_window_extent(renderer)
+        placed.append(bb)
+        out.append(t)
+    return out
+
+
 def make_figure(results, models, path: Path, *, epochs: int, seed: int) -> None:
     """Accuracy vs exact-zero fraction (left) and |w| histograms per method (right)."""
     import matplotlib
@@ -362,24 +435,16 @@ def make_figure(results, models, path: Path, *, epochs: int, seed: int) -> None:
 
     n = len(results)
     cols = max(1, math.ceil(n / 2))
-    fig = plt.figure(figsize=(4.2 + 2.9 * cols, 6.4), dpi=110)
+    fig = plt.figure(figsize=(4.2 + 2.9 * cols, 6.6), dpi=110)
     gs = fig.add_gridspec(2, 2 + cols, width_ratios=[1.1, 1.1] + [1.0] * cols)
     ax = fig.add_subplot(gs[:, :2])
     colors = plt.get_cmap("tab10").colors
     accs = [100 * r["test_accuracy"] for r in results] or [0.0]
     y_lo, y_hi = max(0.0, min(accs) - 1.0), min(100.0, max(accs) + 0.6)
-    placed: list[tuple[float, float]] = []
+    points = []
     for i, r in enumerate(results):
-        x, y = 100 * r["zero_fraction"], 100 * r["test_accuracy"]
-        ax.scatter(x, y, s=70, color=colors[i % 10], zorder=3)
-        # stack the labels of points that (nearly) coincide instead of overprinting them
-        k = sum(abs(x - px) < 25 and abs(y - py) < 0.06 * (y_hi - y_lo) for px, py in placed)
-        placed.append((x, y))
-        right = x > 60
-        ax.annotate(
-            r["method"], (x, y), textcoords="offset points",
-            xytext=(-8 if right else 8, 4 - 12 * k), ha="right" if right else "left", fontsize=8,
-        )
+        points.append((100 * r["zero_fraction"], 100 * r["test_accuracy"]))
+        ax.scatter(*points[-1], s=70, color=colors[i % 10], zorder=3)
     ax.set_xlabel("weights exactly zero (%)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_xlim(-5, 105)
@@ -387,28 +452,51 @@ def make_figure(results, models, path: Path, *, epochs: int, seed: int) -> None:
     ax.grid(alpha=0.3)
     ax.set_title(f"digits, MLP 64-256-256-10, {epochs} epochs, seed {seed}", fontsize=9)
 
-    lo, hi = -6.0, 1.0
+    lo, hi = HIST_LO, HIST_HI
     bins = torch.logspace(lo, hi, 50).tolist()
+    # magnitudes outside [10**lo, 10**hi] get a bar of their own beyond a dashed line, never
+    # the edge bin: an under-range bar drawn in the first bin would read as many weights near 1e-6
+    under_bin = [10 ** (lo - 1.4), 10 ** (lo - 0.6)]
+    over_bin = [10 ** (hi + 0.6), 10 ** (hi + 1.4)]
+    hists = []
     for i, r in enumerate(results):
         sub = fig.add_subplot(gs[i // cols, 2 + i % cols])
-        w = torch.cat([t.flatten().abs().float().cpu() for t in weight_tensors(models[r["method"]]).values()])
-        nz = w[w > 0].clamp(10**lo, 10**hi)
-        sub.hist(nz.numpy(), bins=bins, color=colors[i % 10], alpha=0.85)
-        sub.set_ylim(0, sub.get_ylim()[1] * 1.3)  # room for the text
+        w = torch.cat([t.flatten() for t in weight_tensors(models[r["method"]]).values()])
+        c = magnitude_counts(w, lo, hi)
+        sub.hist(c["values"].numpy(), bins=bins, color=colors[i % 10], alpha=0.85)
+        for key, edges in (("under", under_bin), ("over", over_bin)):
+            if c[key]:
+                sub.bar(edges[0], c[key], width=edges[1] - edges[0], align="edge",
+                        color="none", edgecolor=colors[i % 10], hatch="////", lw=0.8)
         sub.set_xscale("log")
-        sub.set_title(r["method"], fontsize=9)
-        sub.text(
-            0.03, 0.95,
-            f"exact zeros: {100 * r['zero_fraction']:.1f}%\n"
-            f"zero units: {r['zero_units']}/{r['hidden_units']}",
-            transform=sub.transAxes,
-            fontsize=7, va="top",
+        sub.set_xlim(10 ** (lo - 1.6), 10 ** (hi + (1.6 if c["over"] else 0.3)))
+        for edge in (10**lo,) + ((10**hi,) if c["over"] else ()):
+            sub.axvline(edge, color="0.5", lw=0.6, ls="--")
+        ticks = [10.0**k for k in range(int(lo) + 2, int(hi) + 1, 2)]  # 1e-6: the dashed line
+        sub.set_xticks(
+            [10 ** (lo - 1.0), *ticks],
+            [f"<1e{int(lo)}", *(f"1e{int(math.log10(t))}" for t in ticks)],
         )
-        sub.tick_params(labelsize=7)
+        sub.minorticks_off()
+        sub.set_ylim(0, sub.get_ylim()[1] * 1.45)  # room for the text
+        sub.set_title(r["method"], fontsize=9)
+        text = (
+            f"exact zeros (not drawn): {100 * r['zero_fraction']:.1f}%\n"
+            f"zero units: {r['zero_units']}/{r['hidden_units']}\n"
+            f"0 < |w| < 1e{int(lo)} (hatched): {c['under']}"
+        )
+        if c["over"]:
+            text += f"\n|w| > 1e{int(hi)} (hatched): {c['over']}"
+        sub.text(0.03, 0.96, text, transform=sub.transAxes, fontsize=6.5, va="top")
+        sub.tick_params(labelsize=6.5)
+        if i % cols == 0:
+            sub.set_ylabel("number of weights", fontsize=8)
         if i // cols == 1 or i + cols >= n:
-            sub.set_xlabel("|w|, non-zero weights", fontsize=8)
+            sub.set_xlabel("|w| of the non-zero weights", fontsize=8)
+        hists.append(sub)
     fig.suptitle("torch-regularizers demo: accuracy vs sparsity, weight magnitudes", fontsize=11)
     fig.tight_layout()
+    place_labels(ax, points, [r["method"] for r in results])  # after the layout: final positions
     fig.savefig(path)
     plt.close(fig)
 
@@ -427,7 +515,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=1,
         help="torch intra-op threads (default 1: steadier timings, deterministic); 0 = torch's default",
     )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    bars = p.add_mutually_exclusive_group()
+    bars.add_argument(
+        "--progress", dest="progress", action="store_true", default=None,
+        help="show the progress bars even when stderr is not a terminal",
+    )
+    bars.add_argument(
+        "--no-progress", dest="progress", action="store_false",
+        help="hide the progress bars (default: shown only when stderr is a terminal)",
+    )
+
+
+def _show_progress(asked: bool | None, stream: Any = None) -> bool:
+    """Progress bars: as asked (``--progress``/``--no-progress``), else only on a terminal —
+    redirected to a file, tqdm's carriage returns would fill it with redrawn bars."""
+    if asked is not None:
+        return bool(asked)
+    stream = sys.stderr if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 class DemoError(Exception):
@@ -465,7 +573,7 @@ def main(args: argparse.Namespace) -> int:
         out=args.out,
         device=args.device,
         threads=args.threads or None,
-        progress=not args.no_progress,
+        progress=_show_progress(getattr(args, "progress", None)),
     )
     print()
     print(format_table(s["results"]))
