@@ -72,7 +72,7 @@ def test_selection_flags(capsys):
     out = run_json(capsys, "--sets", "large", "--penalties", "l1", "--modes", "prox", "--no-e2e", "--no-alternatives")
     (row,) = out["micro"]
     assert (row["set"], row["penalty"], row["mode"]) == ("large", "l1", "prox")
-    assert set(row["methods"]) <= {"library[aten]", "library[native]", "Regularizer"}
+    assert set(row["methods"]) <= {"library[aten]", "library[native]", "Regularizer", "Regularizer[aten]"}
 
 
 def test_table_output(capsys):
@@ -98,3 +98,53 @@ def test_bad_arguments_exit_2(bad, capsys):
         bench.main(bad)
     assert e.value.code == 2
     assert "usage" in capsys.readouterr().err
+
+
+def test_cuda_device_without_cuda_exits_2(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    assert bench.main([*QUICK, "--device", "cuda", "--no-e2e"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_default_backends():
+    assert bench.default_backends("cpu")[0] == "aten"
+    assert "triton" not in bench.default_backends("cpu")
+    assert "native" not in bench.default_backends("cuda")
+
+
+def test_gpu_code_path_dry_run_on_cpu(capsys, monkeypatch):
+    """What ``bench --device cuda`` runs — every rule with the aten (foreach) and triton
+    backends, and the end-to-end variants once per backend — on the CPU through Triton's
+    interpreter (tiny sizes: the interpreter runs each program in Python)."""
+    pytest.importorskip("triton")
+    from torch_regularizers import kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    make_set = bench.make_set
+    monkeypatch.setattr(bench, "make_set", lambda *a, **k: make_set(*a, **k)[:24])
+
+    def small_transformer(quick, device="cpu"):
+        layer = torch.nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        model = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).to(device)
+        x = torch.randn(2, 4, 16, device=device)
+        return model, lambda: torch.nn.functional.mse_loss(model(x), x)
+
+    monkeypatch.setattr(bench, "_transformer", small_transformer)
+    old = kernels.get_backend()
+    out = run_json(
+        capsys,
+        "--device", "cpu", "--backends", "aten,triton", "--sets", "tiny",
+        "--penalties", "l1,grouplasso,maxnorm", "--modes", "grad,prox", "--models", "transformer",
+    )
+    assert kernels.get_backend() == old
+    assert out["settings"]["backends"] == ["aten", "triton"]
+    assert {(r["penalty"], r["mode"]) for r in out["micro"]} == {
+        ("l1", "grad"), ("l1", "prox"), ("grouplasso", "prox"), ("maxnorm", "constraint")
+    }
+    for r in out["micro"]:
+        assert {"library[aten]", "library[triton]", "Regularizer"} <= set(r["methods"])
+        assert all(positive(v["ratio"]) for v in r["methods"].values())
+    (row,) = out["e2e"]
+    for name in ("L1 prox", "L2 grad", "GroupLasso prox"):
+        assert {f"{name} [aten]", f"{name} [triton]"} <= set(row["variants"])

@@ -25,7 +25,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torch_regularizers as tr
-from torch_regularizers import _native, kernels
+from torch_regularizers import kernels
+from torch_regularizers.kernels import _batching
+from torch_regularizers.kernels import native as _native
 
 HYP = settings(deadline=None, max_examples=40)
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
@@ -60,9 +62,9 @@ def sizes(request, monkeypatch):
     """Default thresholds, or tiny ones so that few elements hit every path (several
     gathered batches, several chunks per tensor)."""
     if request.param == "shrunk":
-        monkeypatch.setattr(kernels, "SMALL", 16)
-        monkeypatch.setattr(kernels, "CHUNK", 64)
-        monkeypatch.setattr(kernels, "BATCH", 48)
+        monkeypatch.setattr(_batching, "SMALL", 16)
+        monkeypatch.setattr(_batching, "CHUNK", 64)
+        monkeypatch.setattr(_batching, "BATCH", 48)
     return request.param
 
 
@@ -324,7 +326,7 @@ def test_kernel_matches_reference(key, dtype, backend, sizes):
 @pytest.mark.parametrize("key", ["l1_grad", "en_grad", "en_decay", "soft_div", "l1_decay"])
 def test_many_tiny_tensors_several_batches(key, backend, monkeypatch):
     """300 tiny tensors split into several gathered batches (BATCH shrunk), 1-D and 2-D."""
-    monkeypatch.setattr(kernels, "BATCH", 4096)
+    monkeypatch.setattr(_batching, "BATCH", 4096)
     op, c = op_name(key), OPS[key]
     for shape in [(50,), (5, 10)]:
         ps, gs = make([(shape, torch.float32)] * 300, seed=3)
@@ -338,8 +340,8 @@ def test_many_tiny_tensors_several_batches(key, backend, monkeypatch):
 def test_big_tensor_several_chunks(key, backend):
     """A tensor bigger than the default CHUNK (chunked path with the real sizes)."""
     op, c = op_name(key), OPS[key]
-    n = kernels.CHUNK + 1234
-    ps, gs = make([((n,), torch.float32), ((kernels.SMALL + 3,), torch.float32)], seed=5)
+    n = _batching.CHUNK + 1234
+    ps, gs = make([((n,), torch.float32), ((_batching.SMALL + 3,), torch.float32)], seed=5)
     want = ref(op, ps, gs if op in GRAD_OPS else None, c)
     got = run(op, ps, gs if op in GRAD_OPS else None, c)
     i = 1 if op in GRAD_OPS else 0
@@ -348,7 +350,7 @@ def test_big_tensor_several_chunks(key, backend):
 
 def test_native_bitwise_equals_aten(native_mod):
     """The two backends agree bit for bit (besides the aten soft-threshold's -0.0)."""
-    specs = [(s, torch.float32) for s in MIXED_SHAPES] + [((kernels.SMALL * 3,), torch.float32)]
+    specs = [(s, torch.float32) for s in MIXED_SHAPES] + [((_batching.SMALL * 3,), torch.float32)]
     for key, c in OPS.items():
         op = op_name(key)
         ps, gs = make(specs, seed=11)
@@ -387,16 +389,16 @@ def test_property_kernels_match_reference(shapes, dtype, key, coef, seed, shrunk
         c[0] = 1 + abs(coef)
     else:
         c[-1] = coef
-    old = (kernels.SMALL, kernels.CHUNK, kernels.BATCH)
+    old = (_batching.SMALL, _batching.CHUNK, _batching.BATCH)
     kernels.set_backend(be)
     try:
         if shrunk:
-            kernels.SMALL, kernels.CHUNK, kernels.BATCH = 8, 32, 24
+            _batching.SMALL, _batching.CHUNK, _batching.BATCH = 8, 32, 24
         ps, gs = make([(s, dtype) for s in shapes], seed=seed)
         want = ref(op, ps, gs if op in GRAD_OPS else None, tuple(c))
         got = run(op, ps, gs if op in GRAD_OPS else None, tuple(c))
     finally:
-        kernels.SMALL, kernels.CHUNK, kernels.BATCH = old
+        _batching.SMALL, _batching.CHUNK, _batching.BATCH = old
         kernels.set_backend("auto")
     check(op, tuple(c), ps, gs, got, want, soft_aten=op == "soft" and be == "aten")
 
@@ -470,9 +472,9 @@ def test_plan_cache_survives_resized_data(backend):
 def test_scratch_is_reused_not_model_sized(backend):
     """Repeated calls allocate nothing new: the per-thread scratch stays at most CHUNK
     (or BATCH) elements, however big the tensors."""
-    ps, gs = make([((kernels.CHUNK * 2 + 5,), torch.float32)] + [((64,), torch.float32)] * 50, specials=False)
+    ps, gs = make([((_batching.CHUNK * 2 + 5,), torch.float32)] + [((64,), torch.float32)] * 50, specials=False)
     kernels.elastic_grad_(ps, gs, 0.1, 0.2)
-    bufs = kernels._state_bufs().bufs
+    bufs = _batching.state_bufs().bufs
     before = {k: [b.data_ptr() for b in v[1]] for k, v in bufs.items()}
     for _ in range(3):
         kernels.elastic_grad_(ps, gs, 0.1, 0.2)
@@ -481,12 +483,12 @@ def test_scratch_is_reused_not_model_sized(backend):
     after = {k: [b.data_ptr() for b in v[1]] for k, v in bufs.items()}
     assert before == {k: after[k] for k in before}
     for _, (_, bs) in bufs.items():
-        assert all(b.numel() <= max(kernels.CHUNK, kernels.BATCH) for b in bs)
+        assert all(b.numel() <= max(_batching.CHUNK, _batching.BATCH) for b in bs)
 
 
 def test_threads_use_separate_scratch(backend):
     """Two threads running kernels at once get the same results as one after the other."""
-    specs = [((300,), torch.float32)] * 40 + [((kernels.SMALL * 2,), torch.float32)]
+    specs = [((300,), torch.float32)] * 40 + [((_batching.SMALL * 2,), torch.float32)]
     inputs = [make(specs, seed=s) for s in range(4)]
     want = [ref("en_grad", ps, gs, (0.3, -0.07))[1] for ps, gs in inputs]
     got: list = [None] * 4
@@ -544,7 +546,7 @@ def test_penalty_hot_path_matches_reference_loop(kind, method, backend, sizes):
     """Penalty.grad_/decay_/prox_ with impl="foreach" (the kernels) against impl="reference"
     (the penalty's own per-tensor loop), over tiny, mid and big tensors."""
     pen = PENALTIES[kind]()
-    specs = [((s,), torch.float32) for s in (3, 100, 5000, kernels.SMALL + 7)] + [((4, 6, 2), torch.float64)]
+    specs = [((s,), torch.float32) for s in (3, 100, 5000, _batching.SMALL + 7)] + [((4, 6, 2), torch.float64)]
     ps, gs = make(specs, seed=8)
     out = {}
     for impl in ("reference", "foreach"):

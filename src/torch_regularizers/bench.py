@@ -24,6 +24,16 @@ compute-bound small transformer (4 × TransformerEncoderLayer d=256, batch 16 ×
 without regularization and with each variant, variants interleaved round-robin on one
 model and optimizer; overhead % = median over rounds of step(variant)/step(none) − 1.
 
+On CUDA (``--device cuda``) the same micro benchmarks run on the GPU, every rule with each
+kernel backend — ``library[aten]`` (the ``torch._foreach_*`` sequences) and
+``library[triton]`` (one multi-tensor Triton launch per call) — against the CUDA floor in
+the same rounds (synchronized around every call), and the end-to-end steps run on the GPU
+with each Regularizer variant once per backend (``L1 prox [triton]``, ...).
+``--backends`` picks the backends timed (default: aten, plus native when built on CPU,
+plus triton when it imports on CUDA); ``--device cpu --backends aten,triton`` with
+``TRITON_INTERPRET=1`` runs the CUDA code path on the CPU through Triton's interpreter (a
+dry run: slow, its numbers mean nothing).
+
 ``--quick`` shrinks everything to run in seconds; ``--json`` prints machine-readable
 results (the same numbers) instead of tables.
 """
@@ -39,6 +49,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -154,6 +165,17 @@ def _backend(name: str) -> Iterator[None]:
         yield
     finally:
         kernels.set_backend(old)
+
+
+def default_backends(device: str = "cpu") -> list[str]:
+    """The kernel backends worth timing on ``device``: aten always; native on CPU when it is
+    built; triton on CUDA when it imports."""
+    out = ["aten"]
+    if device == "cpu" and kernels.native_available():
+        out.append("native")
+    if device.startswith("cuda") and kernels.triton_available():
+        out.append("triton")
+    return out
 
 
 # --------------------------------------------------------------------------- parameter sets
@@ -338,13 +360,13 @@ def micro(
 ) -> list[dict[str, Any]]:
     """Time every penalty × mode on each set against the floor; one dict per case.
 
-    ``backends``: the kernel backends timed as ``library[<backend>]`` (default: aten, and
-    native when built); ``backend``: the one the ``Regularizer`` column uses.
+    ``backends``: the kernel backends timed as ``library[<backend>]`` (default:
+    :func:`default_backends`); ``backend``: the one the ``Regularizer`` column uses.
     """
     import torch_regularizers as tr
 
     if backends is None:
-        backends = ["aten"] + (["native"] if kernels.native_available() and device == "cpu" else [])
+        backends = default_backends(device)
     results = []
     for set_name in sets:
         base = make_set(set_name, quick, device)
@@ -382,12 +404,18 @@ def micro(
                 )
                 reg = tr.Regularizer(holder, [rule])
                 if kind == "maxnorm" or mode == "prox":
-                    fns["Regularizer"] = lambda reg=reg: reg.apply_prox(lr=ETA)
+                    apply = lambda reg=reg: reg.apply_prox(lr=ETA)  # noqa: E731
                 elif mode == "decoupled":
-                    fns["Regularizer"] = lambda reg=reg: reg.apply_decoupled(lr=ETA)
+                    apply = lambda reg=reg: reg.apply_decoupled(lr=ETA)  # noqa: E731
                 else:
-                    fns["Regularizer"] = reg.apply_grad
-                setup["Regularizer"] = lambda: kernels.set_backend(backend)
+                    apply = reg.apply_grad
+                # "Regularizer": with ``backend``; "Regularizer[aten]": the same path with the
+                # stock kernels (what a user gets without the native build / without triton)
+                for col, be in [("Regularizer", backend)] + (
+                    [("Regularizer[aten]", "aten")] if backend != "aten" and "aten" in backends and len(backends) > 1 else []
+                ):
+                    fns[col] = apply
+                    setup[col] = lambda be=be: kernels.set_backend(be)
                 if alternatives:
                     fns.update(_alternatives(kind, mode, ps, gs))
                     if mode == "grad" and kind in ("l2", "l1", "elasticnet"):
@@ -416,12 +444,13 @@ def micro(
 
 
 # --------------------------------------------------------------------------- end to end
-def _mlp(quick: bool) -> tuple[nn.Module, Callable[[], Tensor]]:
+def _mlp(quick: bool, device: str = "cpu") -> tuple[nn.Module, Callable[[], Tensor]]:
     width = 1024 if quick else 4096
     g = torch.Generator().manual_seed(0)
     model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
-    x = torch.randn(8, width, generator=g)
-    y = torch.randn(8, width, generator=g)
+    model.to(device)
+    x = torch.randn(8, width, generator=g).to(device)
+    y = torch.randn(8, width, generator=g).to(device)
 
     def loss() -> Tensor:
         return nn.functional.mse_loss(model(x), y)
@@ -429,13 +458,13 @@ def _mlp(quick: bool) -> tuple[nn.Module, Callable[[], Tensor]]:
     return model, loss
 
 
-def _transformer(quick: bool) -> tuple[nn.Module, Callable[[], Tensor]]:
+def _transformer(quick: bool, device: str = "cpu") -> tuple[nn.Module, Callable[[], Tensor]]:
     d, layers, batch, seq = (128, 2, 8, 32) if quick else (256, 4, 16, 64)
     g = torch.Generator().manual_seed(0)
     layer = nn.TransformerEncoderLayer(d, nhead=4, dim_feedforward=4 * d, dropout=0.0, batch_first=True)
-    model = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-    x = torch.randn(batch, seq, d, generator=g)
-    y = torch.randn(batch, seq, d, generator=g)
+    model = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).to(device)
+    x = torch.randn(batch, seq, d, generator=g).to(device)
+    y = torch.randn(batch, seq, d, generator=g).to(device)
 
     def loss() -> Tensor:
         return nn.functional.mse_loss(model(x), y)
@@ -443,43 +472,59 @@ def _transformer(quick: bool) -> tuple[nn.Module, Callable[[], Tensor]]:
     return model, loss
 
 
-def _e2e_variants(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
-    """name -> {"reg": Regularizer | None, "loss": extra loss term fn | None, "wd": float}."""
+def _e2e_variants(
+    model: nn.Module, opt: torch.optim.Optimizer, backends: Sequence[str] = ("auto",)
+) -> dict[str, dict[str, Any]]:
+    """name -> {"reg": Regularizer | None, "loss": extra loss term fn | None, "wd": float,
+    "backend": kernels backend}; with several ``backends`` each Regularizer variant is
+    repeated per backend as ``"<name> [<backend>]"``."""
     import torch_regularizers as tr
 
     weights = [p for _, p in tr.select.weights.resolve(model)]
     v: dict[str, dict[str, Any]] = {"none": {}}
     v["torch AdamW weight_decay"] = {"wd": 1e-4}
-    v["L2 decoupled"] = {"reg": tr.Regularizer(model, [tr.L2(1e-4, mode="decoupled")])}
-    v["L2 grad"] = {"reg": tr.Regularizer(model, [tr.L2(1e-4, mode="grad")])}
-    v["L1 grad"] = {"reg": tr.Regularizer(model, [tr.L1(1e-5, mode="grad")])}
-    v["L1 prox"] = {"reg": tr.Regularizer(model, [tr.L1(1e-5, mode="prox")])}
-    v["ElasticNet prox"] = {"reg": tr.Regularizer(model, [tr.ElasticNet(1e-5, 0.5, mode="prox")])}
+    rules = {
+        "L2 decoupled": lambda: tr.L2(1e-4, mode="decoupled"),
+        "L2 grad": lambda: tr.L2(1e-4, mode="grad"),
+        "L1 grad": lambda: tr.L1(1e-5, mode="grad"),
+        "L1 prox": lambda: tr.L1(1e-5, mode="prox"),
+        "ElasticNet prox": lambda: tr.ElasticNet(1e-5, 0.5, mode="prox"),
+    }
     if hasattr(tr, "GroupLasso"):
-        v["GroupLasso prox"] = {"reg": tr.Regularizer(model, [tr.GroupLasso(1e-5, mode="prox")])}
+        rules["GroupLasso prox"] = lambda: tr.GroupLasso(1e-5, mode="prox")
+    for name, make in rules.items():
+        for be in backends:
+            key = name if len(backends) == 1 else f"{name} [{be}]"
+            v[key] = {"reg": tr.Regularizer(model, [make()]), "backend": be}
     v["loss L2 (hand-written)"] = {"loss": lambda: 0.5e-4 * sum(p.pow(2).sum() for p in weights)}
     v["loss L1 (hand-written)"] = {"loss": lambda: 1e-5 * sum(p.abs().sum() for p in weights)}
     return v
 
 
-def _e2e_model(name: str, rounds: int, quick: bool) -> dict[str, Any]:
+def _e2e_model(
+    name: str, rounds: int, quick: bool, device: str = "cpu", backends: Sequence[str] = ("auto",)
+) -> dict[str, Any]:
     torch.manual_seed(0)
-    model, loss_fn = _mlp(quick) if name == "mlp" else _transformer(quick)
+    model, loss_fn = _mlp(quick, device) if name == "mlp" else _transformer(quick, device)
     weights = {id(p) for p in model.parameters() if p.ndim >= 2}
     groups = [
         {"params": [p for p in model.parameters() if id(p) in weights], "weight_decay": 0.0},
         {"params": [p for p in model.parameters() if id(p) not in weights], "weight_decay": 0.0},
     ]
     opt = torch.optim.AdamW(groups, lr=1e-4, foreach=True)
-    variants = _e2e_variants(model, opt)
+    variants = _e2e_variants(model, opt, backends)
     current: dict[str, Any] = {}
+    default = kernels.get_backend()
 
     def configure(v: dict[str, Any]) -> None:
         if current.get("reg") is not None:
             current["reg"].detach()
         opt.param_groups[0]["weight_decay"] = v.get("wd", 0.0)
+        kernels.set_backend(v.get("backend", default) if v.get("backend") != "auto" else default)
         if v.get("reg") is not None:
-            v["reg"].attach(opt)
+            with warnings.catch_warnings():  # advice about the rule set (metric=...): not timed
+                warnings.simplefilter("ignore", UserWarning)
+                v["reg"].attach(opt)
         current.clear()
         current.update(v)
 
@@ -493,11 +538,14 @@ def _e2e_model(name: str, rounds: int, quick: bool) -> dict[str, Any]:
 
     fns = {k: (lambda v=v: step(v)) for k, v in variants.items()}
     setup = {k: (lambda v=v: configure(v)) for k, v in variants.items()}
-    times = interleaved(fns, rounds, warmup=1 if quick else 2, setup=setup)
-    configure({})
+    try:
+        times = interleaved(fns, rounds, warmup=1 if quick else 2, device=device, setup=setup)
+    finally:
+        configure({})
     summ = summarize(times, "none")
     return {
         "model": name,
+        "device": device,
         "params": sum(p.numel() for p in model.parameters()),
         "step_ms": summ["none"]["ms"],
         "variants": {
@@ -516,11 +564,17 @@ def end_to_end(
     rounds: int = 15,
     quick: bool = False,
     log: Callable[[str], Any] | None = None,
+    device: str = "cpu",
+    backends: Sequence[str] = ("auto",),
 ) -> list[dict[str, Any]]:
-    """Training-step time per variant, interleaved round-robin; overhead vs no regularization."""
+    """Training-step time per variant, interleaved round-robin; overhead vs no regularization.
+
+    ``backends``: the kernel backend(s) of the Regularizer variants (``"auto"``: the current
+    setting); with several, every variant is timed once per backend.
+    """
     out = []
     for name in models:
-        row = _e2e_model(name, rounds, quick)
+        row = _e2e_model(name, rounds, quick, device, backends)
         out.append(row)
         if log is not None:
             log(f"  {name}: {row['params'] / 1e6:.1f} M params, step {row['step_ms']:.1f} ms")
@@ -531,7 +585,9 @@ def end_to_end(
 _COLS = (
     "library[aten]",
     "library[native]",
+    "library[triton]",
     "Regularizer",
+    "Regularizer[aten]",
     "naive foreach",
     "hook loop",
     "loss+backward",
@@ -569,9 +625,10 @@ def _micro_rows(rows: list[dict[str, Any]], stat: str) -> tuple[list[str], list[
 def format_markdown(result: dict[str, Any], stat: str = "ratio") -> str:
     """The results as Markdown tables (for RESULTS.md / the README)."""
     m = result["machine"]
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
     out = [
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads "
-        f"(device {m['device']}); kernels backend `{result['settings'].get('backend', 'auto')}`, native kernels "
+        f"(device {m['device']}{gpu}); kernels backend `{result['settings'].get('backend', 'auto')}`, native kernels "
         f"{'built' if m['native_kernels'] else 'not built'}.",
         "",
         f"Command: `{result['command']}`",
@@ -639,7 +696,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-alternatives", action="store_true", help="time only the floor and the library")
     p.add_argument("--native", action="store_true", help="build the fused C++ kernels first (~30 s once) and time them too")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--device", default="cpu", help="micro benchmark device (cpu, cuda)")
+    p.add_argument("--device", default="cpu", help="device of the micro and end-to-end benchmarks (cpu, cuda)")
+    p.add_argument(
+        "--backends",
+        type=_csv(kernels.BACKENDS[1:]),
+        default=None,
+        help="kernel backends timed as library[...] columns (default: aten, + native on CPU when built, "
+        "+ triton on CUDA when it imports); given, or on CUDA, the end-to-end variants also run once per backend",
+    )
     p.add_argument(
         "--backend",
         choices=kernels.BACKENDS,
@@ -671,6 +735,9 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench: CUDA is not available", file=sys.stderr)
         return 2
+    if args.backends and "triton" in args.backends and not kernels.triton_available():
+        print("bench: the triton backend needs the triton package (pip install triton)", file=sys.stderr)
+        return 2
     reps = args.reps or (3 if args.quick else 30)
     rounds = args.rounds or (3 if args.quick else 20)
     log = None if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -682,6 +749,10 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         except RuntimeError as e:
             print(f"bench: {e}", file=sys.stderr)
             return 2
+    backends = args.backends or default_backends(args.device)
+    # end to end: each Regularizer variant once per backend when --backends is given or on
+    # CUDA (foreach vs triton); on CPU by default once, with --backend
+    e2e_backends = backends if args.backends or args.device != "cpu" else [args.backend]
     result: dict[str, Any] = {
         "machine": machine_info(args.device),
         "command": "python -m torch_regularizers bench " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -692,6 +763,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
             "strength": LAM,
             "lr": ETA,
             "backend": args.backend,
+            "backends": backends,
+            "e2e_backends": e2e_backends,
         },
         "micro": [],
         "e2e": [],
@@ -707,6 +780,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
             reps=reps,
             quick=args.quick,
             device=args.device,
+            backends=backends,
             alternatives=not args.no_alternatives,
             backend=args.backend,
             log=log,
@@ -715,7 +789,9 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         if log:
             log("end-to-end training steps:")
         with _backend(args.backend):
-            result["e2e"] = end_to_end(args.models, rounds=rounds, quick=args.quick, log=log)
+            result["e2e"] = end_to_end(
+                args.models, rounds=rounds, quick=args.quick, log=log, device=args.device, backends=e2e_backends
+            )
     result["seconds"] = time.perf_counter() - t0
     result["machine"]["load_avg_end"] = machine_info()["load_avg"] if hasattr(os, "getloadavg") else None
     if args.json:

@@ -21,6 +21,7 @@ or a ``GradScaler`` scale / ``found_inf`` mask): tensors never cause a host sync
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Callable, Union
@@ -54,6 +55,10 @@ def _soft_threshold_(p: Tensor, t: Scalar) -> Tensor:
     return p.sub_(torch.clamp(p, min=-t, max=t))
 
 
+#: the header of the arguments block of ``Penalty``'s docstring (``__init_subclass__``)
+_COMMON_ARGS = "Args (common to every penalty):"
+
+
 def _foreach_soft_threshold_(params: list[Tensor], t: float) -> None:
     clipped = torch._foreach_clamp_max(params, t)
     torch._foreach_clamp_min_(clipped, -t)
@@ -64,6 +69,9 @@ class Penalty(Rule):
     """Base class of penalties. Subclasses implement the reference math.
 
     Args (common to every penalty):
+        strength: λ ≥ 0: a float, or a schedule ``f(step) -> float`` of the applied optimizer
+            steps (:mod:`~torch_regularizers.schedules`); ``alpha`` for ElasticNet. Change it
+            later with ``reg.set_strength(name, value)``.
         on: selector of the parameters it applies to (default ``tr.select.weights``).
         mode: ``"grad"`` (default), ``"decoupled"``, ``"prox"`` or ``"loss"`` (docs/design.md §3).
         name: name in ``summary()``/``stats()``; default lower-case class name.
@@ -72,8 +80,9 @@ class Penalty(Rule):
             the first nonzero lr seen), ``"corrected"`` (lr² / lr_max, AdamC: Defazio 2025,
             lr_max = ``initial_lr``, else the first nonzero lr; the paper applies it to
             layers followed by a normalization) or ``"none"`` (η = 1).
-        metric: ``"euclidean"`` (default) or ``"adaptive"`` for prox rules: the prox in the
-            optimizer's diagonal metric (ProxGen), see ``_metric.py``.
+        metric: ``"euclidean"`` (default) or ``"adaptive"`` for elementwise prox rules (L1, L2,
+            ElasticNet, L2SP): the prox in the optimizer's diagonal metric (ProxGen), see
+            ``_metric.py``.
         stochastic_rounding: decoupled/prox rules on bf16/fp16 parameters round the result
             stochastically, so the expected decay is kept.
         cautious: decoupled rules (L1, L2, ElasticNet, L2SP) decay only the coordinates where
@@ -83,7 +92,18 @@ class Penalty(Rule):
             With the mask all ones this is the plain decoupled step. Memory: one persistent
             copy of the selected parameters (θ before the update is kept to find u). Needs
             an optimizer step (not available to manual ``apply_decoupled``).
+        timescale: decoupled L2 and L2SP only, instead of ``strength``: the decay's timescale
+            τ = 1/(η·λ) in optimizer steps (see :class:`L2`).
     """
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        # help() of every penalty shows the arguments they all take, documented once: the
+        # "Args (common to every penalty)" block, the last part of Penalty's docstring
+        doc, base = cls.__dict__.get("__doc__"), Penalty.__doc__
+        if doc and base and _COMMON_ARGS not in doc and _COMMON_ARGS in base:
+            base = inspect.cleandoc(base)
+            cls.__doc__ = f"{inspect.cleandoc(doc)}\n\n{base[base.index(_COMMON_ARGS):]}\n"
 
     #: whether ``cautious=True`` is available (an elementwise decay direction)
     supports_cautious: bool = False
