@@ -12,6 +12,9 @@ nothing is downloaded — once per method:
 ``l1 prox``               ``tr.L1(λ, mode="prox")``: soft-thresholding, exact zeros
 ``group lasso prox``      ``tr.GroupLasso(λ, mode="prox")`` on the two hidden layers,
                           one group per hidden unit: whole units become exactly 0
+``group lasso → pruned``  ``tr.GroupLasso(λ, groups=tr.prune.channel_groups(...))``: a
+                          unit's row, bias and next-layer column as one group, then
+                          ``tr.prune.shrink`` removes the zero units (needs ``[prune]``)
 ``elastic net prox``      ``tr.ElasticNet(α, l1_ratio=0.5, mode="prox")``
 ========================  ==========================================================
 
@@ -29,8 +32,11 @@ given machine (one intra-op thread by default).
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.util
 import json
 import math
+import statistics
 import sys
 import time
 from collections import OrderedDict
@@ -78,6 +84,8 @@ class Method:
     build: Callable[[nn.Module], Any] = lambda model: None
     loss_term: Callable[[nn.Module], torch.Tensor] | None = None
     needs: tuple[str, ...] = ()
+    modules: tuple[str, ...] = ()  # importable modules it requires (missing → skipped)
+    shrink: bool = False  # after training: tr.prune.shrink a copy and report it
     result: dict[str, Any] = field(default_factory=dict)
 
 
@@ -92,6 +100,17 @@ L2_LAMBDA = 1e-2
 L1_LAMBDA = 1e-3
 GL_LAMBDA = 1e-3
 EN_ALPHA = 1e-3
+#: coupled groups also hold the bias entry and the next layer's column: √size is larger than
+#: a row's, and 1e-3 zeroes about as many units as the row-wise GL_LAMBDA within a point
+GLC_LAMBDA = 1e-3
+#: forwards timed for the latency columns (median)
+LATENCY_REPS = 200
+
+
+def _coupled_group_lasso(model: nn.Module):
+    p = next(model.parameters())
+    groups = tr.prune.channel_groups(model, torch.zeros(1, 64, device=p.device, dtype=p.dtype))
+    return tr.Regularizer(model, [tr.GroupLasso(GLC_LAMBDA, groups=groups, mode="prox")])
 DEFAULT_EPOCHS = 200
 QUICK_EPOCHS = 3
 
@@ -129,6 +148,15 @@ METHODS: list[Method] = [
             m, [tr.GroupLasso(GL_LAMBDA, on=_hidden_layers(), mode="prox")]
         ),
         needs=("GroupLasso",),
+    ),
+    Method(
+        "group lasso → pruned",
+        f"tr.GroupLasso({GLC_LAMBDA:g}, groups=tr.prune.channel_groups(...), mode='prox'), "
+        "then tr.prune.shrink",
+        build=_coupled_group_lasso,
+        needs=("prune",),
+        modules=("torch_pruning",),
+        shrink=True,
     ),
     Method(
         "elastic net prox",
@@ -188,6 +216,43 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     acc = (model(x).argmax(1) == y).float().mean().item()
     model.train()
     return acc
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, x: torch.Tensor, reps: int = LATENCY_REPS) -> float:
+    """Median wall time of one forward of ``x`` (eval mode), in milliseconds."""
+    model.eval()
+    for _ in range(5):
+        model(x)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t0)
+    model.train()
+    return 1e3 * statistics.median(times)
+
+
+def shrink_result(model: nn.Module, xte: torch.Tensor, yte: torch.Tensor) -> dict[str, Any]:
+    """Shrink a CPU copy of ``model`` with tr.prune.shrink and measure both on CPU."""
+    dense = copy.deepcopy(model).cpu().eval()
+    x, y = xte.cpu(), yte.cpu()
+    pruned = copy.deepcopy(dense)
+    report = tr.prune.shrink(pruned, x[:1])  # checks the outputs before it changes anything
+    with torch.no_grad():
+        same = bool(torch.equal(dense(x).argmax(1), pruned(x).argmax(1)))
+    return {
+        "params": report.params_before,
+        "params_pruned": report.params_after,
+        "macs": report.macs_before,
+        "macs_pruned": report.macs_after,
+        "hidden_units_pruned": pruned.fc1.out_features + pruned.fc2.out_features,
+        "test_accuracy_pruned": accuracy(pruned, x, y),
+        "same_predictions": same,
+        "latency_ms": latency_ms(dense, x),
+        "latency_pruned_ms": latency_ms(pruned, x),
+        "latency_batch": len(x),
+    }
 
 
 # --------------------------------------------------------------------------- training
@@ -250,7 +315,7 @@ class _Run:
             self.reg.detach()
         (xtr, ytr), (xte, yte) = data
         m = self.model
-        return {
+        out = {
             "method": self.method.name,
             "what": self.method.what,
             "test_accuracy": accuracy(m, xte, yte),
@@ -260,6 +325,9 @@ class _Run:
             "hidden_units": 2 * HIDDEN,
             "time_s": self.elapsed,
         }
+        if self.method.shrink:
+            out.update(shrink_result(m, xte, yte))
+        return out
 
 
 def run(
@@ -286,8 +354,13 @@ def run(
     runnable = []
     for m in methods:
         missing = [n for n in m.needs if not hasattr(tr, n)]
+        absent = [mod for mod in m.modules if importlib.util.find_spec(mod) is None]
         if missing:
             skipped.append((m.name, f"tr.{', tr.'.join(missing)} is not available in this version"))
+        elif absent:
+            skipped.append(
+                (m.name, f"needs {', '.join(absent)}: pip install 'torch-regularizers[prune]'")
+            )
         else:
             runnable.append(m)
     runs = [
@@ -351,6 +424,44 @@ def format_table(results: list[dict[str, Any]]) -> str:
         )
 
     return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def format_pruned(results: list[dict[str, Any]]) -> str:
+    """The pruned-model table ('' when no row was shrunk)."""
+    rows = [r for r in results if "params_pruned" in r]
+    if not rows:
+        return ""
+    head = ("method", "params", "MACs", "hidden units", "test acc", "CPU forward")
+    lines = []
+    for r in rows:
+        lines.append(
+            (
+                r["method"],
+                f"{r['params']:,} → {r['params_pruned']:,}",
+                f"{r['macs']:,} → {r['macs_pruned']:,}" if r["macs"] is not None else "-",
+                f"{r['hidden_units']} → {r['hidden_units_pruned']}",
+                f"{100 * r['test_accuracy']:.1f}% → {100 * r['test_accuracy_pruned']:.1f}%",
+                (
+                    f"{r['latency_ms']:.3f} → {r['latency_pruned_ms']:.3f} ms "
+                    f"({r['latency_ms'] / r['latency_pruned_ms']:.1f}×, batch {r['latency_batch']})"
+                ),
+            )
+        )
+    widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(head)]
+
+    def line(cells):
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        )
+
+    return "\n".join(
+        [
+            "after tr.prune.shrink (dense → pruned; same predictions on the test set):",
+            line(head),
+            line(["-" * w for w in widths]),
+            *(line(r) for r in lines),
+        ]
+    )
 
 
 #: |w| axis of the histograms: 10**HIST_LO .. 10**HIST_HI; magnitudes outside it get their own bars
@@ -577,6 +688,10 @@ def main(args: argparse.Namespace) -> int:
     )
     print()
     print(format_table(s["results"]))
+    pruned = format_pruned(s["results"])
+    if pruned:
+        print()
+        print(pruned)
     for sk in s["skipped"]:
         print(f"skipped {sk['method']}: {sk['reason']}")
     print()
