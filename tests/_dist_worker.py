@@ -98,7 +98,18 @@ def elementwise_rules(tr) -> list:
 
 
 def rule_cases(tr, name: str, w: torch.Tensor) -> list[tuple[str, object, tuple[str, ...]]]:
-    """(label, factory(mode), modes) of the rules checked on weight ``name``."""
+    """(label, factory(mode), modes) of the rules checked on weight ``name``.
+
+    **The one list of every placement test**: FSDP2 ``Shard(0)`` on 2 ranks
+    (``test_distributed.py``) and every layout of the 4-rank 2-D mesh, uneven and
+    ``_StridedShard`` ones included (``test_distributed_mesh.py``). A new rule joins all of
+    them with one entry here and its plain-torch math in ``_dist_common.reference`` (keyed
+    by the label before ``[``). Labels ``orthogonal``/``fn`` may all-gather (see
+    ``_dist_worker_mesh.gathers_all``); every other rule is checked to never all-gather.
+    Not here yet: the norm-control constraints of the modern-decay issue (``FixedNorm``,
+    ``SpectralNorm`` in constraints.py) — add them as above (``SpectralNorm`` needs the whole
+    matrix: list it in ``gathers_all`` too).
+    """
     cases: list[tuple[str, object, tuple[str, ...]]] = []
     dims = [None, 0] if w.dim() == 2 else [None, (0, 2)]
     for d in dims:
@@ -272,6 +283,24 @@ def fsdp2_train(tr, rank: int) -> dict:
     }
 
 
+def fsdp2_root_train(tr, rank: int) -> dict:
+    """``fully_shard(model)`` alone: the root keeps its parameters unsharded from forward to
+    backward (``reshard_after_forward=False``), right where ``reg.penalty()`` is called; the
+    rules must stay bound to the sharded parameters the optimizer steps."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = mlp()
+    fully_shard(model)
+    r = _train(tr, model, train_rules(tr), rank)
+    reg = r["reg"]
+    return {
+        "params": {n: p.full_tensor() for n, p in model.named_parameters()},
+        "value": float(reg.value()),
+        "stats": reg.stats(),
+        "step": reg.step,
+    }
+
+
 def ddp_train(tr, rank: int) -> dict:
     """The same under DDP; selectors must see bare names through the wrapper."""
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -300,7 +329,8 @@ def fsdp1(tr, rank: int) -> dict:
     out: dict = {}
     model = FSDP(mlp(), use_orig_params=True, device_id=cpu)
     out["local_shapes"] = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    _train(tr, model, elementwise_rules(tr), rank, opt_cls=torch.optim.SGD)
+    r = _train(tr, model, elementwise_rules(tr), rank, opt_cls=torch.optim.SGD)
+    out["value"] = float(r["reg"].value())  # of this rank's flat shards only (not reduced)
     with FSDP.summon_full_params(model):
         out["params"] = {
             n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
@@ -337,6 +367,7 @@ def fsdp1(tr, rank: int) -> dict:
 SCENARIOS = {
     "fsdp2_rules": fsdp2_rules,
     "fsdp2_train": fsdp2_train,
+    "fsdp2_root_train": fsdp2_root_train,
     "ddp": ddp_train,
     "fsdp1": fsdp1,
 }

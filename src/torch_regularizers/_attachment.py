@@ -77,6 +77,7 @@ def unwrap_optimizer(opt: Any) -> torch.optim.Optimizer:
                 f"attach() expects torch.optim.Optimizer instances (or wrappers exposing "
                 f"`.optimizer`), got {type(opt).__name__}"
             )
+        _dist.note_wrapper(opt, inner)  # DeepSpeed ZeRO: steps its own flat partitions
         opt, seen = inner, seen + 1
     return opt
 
@@ -630,7 +631,7 @@ def binding_value(b: Binding, lam: float) -> Tensor:
     if lam == 0 or not b.infos:
         dev = b.infos[0].param.device if b.infos else None
         return torch.zeros((), device=dev)
-    return sum_values(_dist.full_values([b.rule.value(p, lam) for p in b.params]))
+    return sum_values(_dist.full_values([_dist.value(b.rule, p, lam) for p in b.params]))
 
 
 def sum_values(vals: list[Tensor], device: torch.device | None = None) -> Tensor:

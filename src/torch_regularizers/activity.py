@@ -283,7 +283,8 @@ class ActivityHooks:
     """The forward hooks of one activity rule on its modules (owned by a Regularizer).
 
     Args:
-        rule, name: the rule and its name in the Regularizer.
+        rule: the rule.
+        name: its name in the Regularizer.
         modules: ``[(name, module)]`` to hook. They are held weakly and by identity: a hook
             copied with its module (``copy.deepcopy(model)`` copies forward hooks) does nothing
             on the copy. ``nn.DataParallel``'s per-forward replicas (which share the module's

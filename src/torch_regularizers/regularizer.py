@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from . import _binding
 from . import _state as _st
+from . import distributed as _dist
 from . import select as _select
 from ._attachment import Attachment, binding_value, sum_values, unwrap_optimizer
 from ._metric import check_supported
@@ -115,6 +116,13 @@ class Regularizer:
                 self._bind_activity(b)
 
     def _new_attachment(self, opt: torch.optim.Optimizer | None, name: str | None = None) -> Attachment:
+        zero = _dist.deepspeed_of(opt) if opt is not None else None
+        if zero is not None:  # DeepSpeed ZeRO: the rules act on its fp32 partitions (_zero.py)
+            from ._zero import ZeroAttachment
+
+            return ZeroAttachment(
+                self._synced_bindings, opt, zero, name=name, impl=self.impl, has_schedule=self._has_schedule
+            )
         return Attachment(self._synced_bindings, opt, name=name, impl=self.impl, has_schedule=self._has_schedule)
 
     def _synced_bindings(self) -> list[_binding.Binding]:
@@ -131,7 +139,7 @@ class Regularizer:
         """Follow replaced parameters: bind the rules again (by name) if the model's parameter
         tensors are not the ones bound (see the class docstring)."""
         fp = _binding.fingerprint(self.model)
-        if fp == self._fingerprint:
+        if fp == self._fingerprint or _dist.fsdp2_unsharded(self.model):  # FSDP2 mid-step: transient
             return
         self._index = _select.index(self.model)
         rules = [b.rule for b in self._bindings]
@@ -190,7 +198,7 @@ class Regularizer:
         self._sync()
         live = self._live_attachments()
         mine = {id(p) for p in self.model.parameters()}
-        orphans = [a for a in live if not any(id(p) in mine for g in a.opt.param_groups for p in g["params"])]
+        orphans = [a for a in live if not any(id(p) in mine for p in _dist.stepped_params(a.opt))]
         if orphans:  # their optimizers step replaced tensors only (assign=True, to_empty)
             live = [a for a in live if a not in orphans]
         new = [(o, n) for o, n in pairs if not any(a.opt is o for a in live)]
@@ -243,7 +251,7 @@ class Regularizer:
         return self
 
     def _check_owned(self, opts: list[torch.optim.Optimizer]) -> None:
-        owned = {id(p) for o in [*opts, *self._optimizers()] for g in o.param_groups for p in g["params"]}
+        owned = {id(p) for o in [*opts, *self._optimizers()] for p in _dist.stepped_params(o)}
         missing = [
             f"{info.name} (rule {b.name!r})"
             for b in self._bindings
@@ -450,7 +458,7 @@ class Regularizer:
         """Detached Σ R(θ) over every penalty rule, whatever its mode (for reporting)."""
         self._sync()
         step = self.step
-        with torch.no_grad():
+        with torch.no_grad(), _dist.zero3_gathered(self._bound_params()):  # DeepSpeed ZeRO-3
             vals = [
                 binding_value(b, b.rule.strength_at(step, b.name))
                 for b in self._bindings
@@ -463,7 +471,11 @@ class Regularizer:
         """Floats for a logger: ``<rule>/value``, ``<rule>/sparsity`` (fraction of exact zeros),
         ``<rule>/zero_groups`` (group rules) — one device sync for all of them."""
         self._sync()
-        return stats(self._bindings, self.step, self._activity)
+        with _dist.zero3_gathered(self._bound_params()):  # DeepSpeed ZeRO-3: full weights
+            return stats(self._bindings, self.step, self._activity)
+
+    def _bound_params(self) -> list[Tensor]:
+        return [p for b in self._bindings for p in b.params]
 
     def _default_device(self) -> torch.device:
         for info in self._index.params:
