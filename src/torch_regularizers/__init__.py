@@ -9,11 +9,12 @@
 See ``tr.Regularizer`` for the modes, ``tr.select`` for choosing parameters.
 """
 
-from . import schedules, select
+from . import prune, schedules, select
 from ._rule import Rule
 from .activity import ActivityL1, ActivityL2
-from .constraints import Constraint, MaxNorm, NonNeg, UnitNorm
+from .constraints import Constraint, FixedNorm, MaxNorm, NonNeg, SpectralNorm, UnitNorm
 from .penalties import L1, L2, ElasticNet, Penalty
+from .prune import NM
 from .regularizer import Regularizer
 from .structured import L2SP, FnPenalty, GroupLasso, Orthogonal, SparseGroupLasso
 from .weight_decay import DoubleDecayWarning, param_groups
@@ -24,11 +25,13 @@ __all__ = [
     "L1",
     "L2",
     "L2SP",
+    "NM",
     "ActivityL1",
     "ActivityL2",
     "Constraint",
     "DoubleDecayWarning",
     "ElasticNet",
+    "FixedNorm",
     "FnPenalty",
     "GroupLasso",
     "MaxNorm",
@@ -38,9 +41,11 @@ __all__ = [
     "Regularizer",
     "Rule",
     "SparseGroupLasso",
+    "SpectralNorm",
     "UnitNorm",
     "__version__",
     "param_groups",
+    "prune",
     "schedules",
     "select",
 ]

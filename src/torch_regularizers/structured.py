@@ -39,11 +39,12 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as _dist
+from . import kernels as _kernels
 from . import select as _select
 from ._precision import LOW_PRECISION as _LOW
 from ._precision import acc as _acc
 from ._rule import Strength, check_ratio
-from .penalties import L1, Penalty, _soft_threshold_
+from .penalties import IMPLS, L1, Penalty, _soft_threshold_
 
 __all__ = ["L2SP", "FnPenalty", "GroupLasso", "Orthogonal", "SparseGroupLasso"]
 
@@ -121,8 +122,8 @@ def foreach_group_map(
     tensor groups take ``torch._foreach_norm``; small tensors are stacked and reduced by
     one kernel; large ones are reduced one by one (a stack would copy them).
     """
-    if params and _dist.is_dtensor(params[0]):  # FSDP2: local factors from global norms
-        return _dist.foreach_group_map(params, dims_of, fn)
+    if params and (_dist.is_dtensor(params[0]) or _dist.is_fragment(params[0])):
+        return _dist.foreach_group_map(params, dims_of, fn)  # FSDP2 shards / ZeRO fragments
     out: list[Tensor | None] = [None] * len(params)
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
@@ -320,6 +321,22 @@ class _GroupMixin:
         }
 
 
+def _check_groups_arg(groups: object, dim: Dim, kwargs: dict, owner: str) -> object:
+    """Validate ``groups=`` (a grouping spanning tensors, e.g. ``tr.prune.CoupledGroups``)."""
+    if groups is None:
+        return None
+    if not (callable(getattr(groups, "_bind_rule", None)) and callable(getattr(groups, "selector", None))):
+        raise TypeError(
+            f"{owner}: groups= must be a tr.prune.CoupledGroups (e.g. tr.prune.channel_groups("
+            f"model, example_inputs)), got {type(groups).__name__}"
+        )
+    if dim is not None:
+        raise ValueError(f"{owner}: dim= and groups= are exclusive (groups= defines the groups)")
+    if kwargs.get("stochastic_rounding"):
+        raise ValueError(f"{owner}(groups=...): stochastic_rounding=True is not supported")
+    return groups
+
+
 # --------------------------------------------------------------------------- group lasso
 class GroupLasso(_GroupMixin, Penalty):
     r"""Group lasso R(θ) = λ·Σ_g √(size_g)·‖θ_g‖₂.
@@ -334,6 +351,16 @@ class GroupLasso(_GroupMixin, Penalty):
             Regularizer (``rule.value(w)`` on an unbound tensor) the default is all but
             dim 0. An explicit ``dim`` applies as given to every selected tensor: ``dim=0``
             on a ``Linear`` weight is one group per input feature.
+        groups: instead of ``dim``, a grouping whose groups span several tensors
+            (:class:`tr.prune.CoupledGroups <torch_regularizers.prune.CoupledGroups>`, e.g.
+            ``tr.prune.channel_groups(model, x)``: one group per channel with its conv rows,
+            BatchNorm entries and consumer columns). θ_g is the whole slice set and size_g
+            its element count; the prox is the block soft-threshold of the whole set (of
+            overlapping groups: the product of their factors, see ``tr.prune``). ``on=``
+            defaults to exactly the covered parameters (and must select exactly them).
+            ``value(p)`` of the grouping's first tensor is the whole R, 0 for the others
+            (``reg.value()`` sums them); ``grad(p)`` is ∂R/∂p; the single-tensor ``prox(p)``
+            is not defined (use a Regularizer or ``prox_`` on the grouping's tensors).
 
     ∇R = λ√size_g·θ_g/‖θ_g‖, and 0 for an all-zero group (never NaN, also through
     autograd in ``mode="loss"``). prox_{tR}(θ)_g = θ_g·max(0, 1 − tλ√size_g/‖θ_g‖) (block
@@ -353,6 +380,7 @@ class GroupLasso(_GroupMixin, Penalty):
         strength: Strength,
         dim: Dim = None,
         *,
+        groups: object | None = None,
         on: _select.Selector | None = None,
         mode: str = "grad",
         name: str | None = None,
@@ -360,23 +388,83 @@ class GroupLasso(_GroupMixin, Penalty):
         **kwargs,
     ) -> None:
         self.dim = check_dim_arg(dim, type(self).__name__)
+        self.groups = _check_groups_arg(groups, dim, kwargs, type(self).__name__)
+        if groups is not None and on is None:
+            on = groups.selector()
         super().__init__(strength, on=on, mode=mode, name=name, lr_coupling=lr_coupling, **kwargs)
 
     def _extra_repr(self) -> str:
-        return f"dim={self.dim!r}"
+        return f"groups={self.groups!r}" if self.groups is not None else f"dim={self.dim!r}"
+
+    # --- coupled groups (groups=): the math lives in the bound grouping (tr.prune)
+    def _coupled_plan(self):
+        plan = self.__dict__.get("_coupled")
+        if plan is None:
+            raise ValueError(
+                f"{type(self).__name__}(groups=...) is not bound: build a tr.Regularizer with it "
+                "first (the grouping names the model's parameters)"
+            )
+        return plan
+
+    def _bind(self, names: list[str], params: list, modules: list | None = None) -> None:
+        if self.groups is None:
+            return super()._bind(names, params, modules)
+        self._coupled = self.groups._bind_rule(type(self).__name__, names, params)
+
+    def _unbind(self) -> None:
+        super()._unbind()
+        self.__dict__.pop("_coupled", None)
+
+    def _coupled_run(self, op: str, tensors: tuple, strength, coef, impl: str) -> None:
+        if impl not in IMPLS:
+            raise ValueError(f"{type(self).__name__}: impl={impl!r} is not one of {IMPLS}")
+        lam = self._resolve_strength(strength)
+        if lam == 0 or not tensors[0]:
+            return
+        plan = self._coupled_plan()
+        with torch.no_grad():
+            getattr(plan, op)(
+                *(list(t) for t in tensors), lam, coef, getattr(self, "l1_ratio", 0.0),
+                reference=impl == "reference",
+            )
+
+    def grad_(self, params, grads, strength=None, scale=1.0, *, impl="foreach"):
+        if self.groups is None:
+            return super().grad_(params, grads, strength, scale, impl=impl)
+        self._coupled_run("grad_", (params, grads), strength, scale, impl)
+
+    def decay_(self, params, strength=None, eta=1.0, *, impl="foreach"):
+        if self.groups is None:
+            return super().decay_(params, strength, eta, impl=impl)
+        self._coupled_run("decay_", (params,), strength, eta, impl)
+
+    def prox_(self, params, strength=None, eta=1.0, *, impl="foreach"):
+        if self.groups is None:
+            return super().prox_(params, strength, eta, impl=impl)
+        self._coupled_run("prox_", (params,), strength, eta, impl)
 
     # --- group part, reused by SparseGroupLasso with λ·(1 − ρ)
     def _gl_value(self, p: Tensor, lam: float) -> Tensor:
+        if self.groups is not None:
+            return self._coupled_plan().value_share(p, lam)
         dims = self._dims(p)
         return (lam * math.sqrt(group_size(p, dims))) * group_norm(p, dims).sum()
 
     def _gl_coef(self, p: Tensor, lam: float, n: Tensor | None = None) -> Tensor:
+        if self.groups is not None:
+            return self._coupled_plan().coef_of(p, lam)
         dims = self._dims(p)
         if n is None:
             n = group_norm(p, dims)
         return _inv_or_zero(lam * math.sqrt(group_size(p, dims)), n)
 
     def _gl_prox(self, p: Tensor, lam: float, t: Scalar) -> Tensor:
+        if self.groups is not None:
+            raise ValueError(
+                f"{type(self).__name__}(groups=...): the prox couples several tensors, so the "
+                "single-tensor prox(p) is not defined; use a Regularizer (reg.apply_prox, or "
+                "mode='prox' with an optimizer) or rule.prox_(tensors) on the grouping's tensors"
+            )
         dims = self._dims(p)
         thr = t * (lam * math.sqrt(group_size(p, dims)))
         return p.mul_(_shrink_factor(thr, group_norm(p, dims)))
@@ -394,6 +482,8 @@ class GroupLasso(_GroupMixin, Penalty):
         torch._foreach_mul_(_dist.locals_(params), factors)
 
     def _gl_foreach_prox_(self, params, lam, eta):
+        if _kernels.group_shrink_(params, self._dims, lam, eta):  # one launch (Triton backend)
+            return
         factors = self._gl_factors(params, lambda n, rs: _shrink_factor(eta * lam * rs, n))
         torch._foreach_mul_(_dist.locals_(params), factors)
 
@@ -421,6 +511,20 @@ class GroupLasso(_GroupMixin, Penalty):
         self._gl_foreach_prox_(params, lam, eta)
 
     def stats_tensors(self, params, strength):
+        if self.groups is not None and params:
+            with torch.no_grad():
+                plan = self._coupled_plan()
+                dev = plan.device
+                value = torch.stack([self._value(p, strength).to(dev, torch.float64) for p in params])
+                zeros = torch.stack([(p == 0).sum().to(dev) for p in params]).sum()
+                zg, n_groups = plan.zero_group_count()
+                zg = zg.to(torch.float64)
+                return {
+                    "value": value.sum(),
+                    "sparsity": zeros.to(torch.float64) / max(1, sum(p.numel() for p in params)),
+                    "zero_groups": zg,
+                    "zero_group_fraction": zg / max(1, n_groups),
+                }
         return self._group_stats(params, strength) if params else {}
 
 
@@ -430,7 +534,8 @@ class SparseGroupLasso(GroupLasso):
     Same λ for both parts: ``l1_ratio=1`` is :class:`~torch_regularizers.L1` (lasso),
     ``l1_ratio=0`` is :class:`GroupLasso`. ``dim`` as for :class:`GroupLasso` (default: one
     group per output unit, by layer type: HF ``Conv1D`` and ``ConvTranspose`` weights group
-    along dim 1).
+    along dim 1), or ``groups=`` (coupled groups spanning several tensors, as for
+    :class:`GroupLasso`).
     prox_{tR} = group prox with tλ(1 − ρ) after the L1 prox (soft-threshold by tλρ); this
     composition is the exact prox of the sum. Exact zeros both inside groups and of
     whole groups with ``mode="prox"``.
@@ -442,6 +547,7 @@ class SparseGroupLasso(GroupLasso):
         l1_ratio: float = 0.5,
         dim: Dim = None,
         *,
+        groups: object | None = None,
         on: _select.Selector | None = None,
         mode: str = "grad",
         name: str | None = None,
@@ -450,11 +556,13 @@ class SparseGroupLasso(GroupLasso):
     ) -> None:
         self.l1_ratio = check_ratio(l1_ratio, "l1_ratio", type(self).__name__)
         super().__init__(
-            strength, dim, on=on, mode=mode, name=name, lr_coupling=lr_coupling, **kwargs
+            strength, dim, groups=groups, on=on, mode=mode, name=name, lr_coupling=lr_coupling,
+            **kwargs,
         )
 
     def _extra_repr(self) -> str:
-        return f"l1_ratio={self.l1_ratio}, dim={self.dim!r}"
+        g = f"groups={self.groups!r}" if self.groups is not None else f"dim={self.dim!r}"
+        return f"l1_ratio={self.l1_ratio}, {g}"
 
     def _value(self, p, lam):
         rho = self.l1_ratio
