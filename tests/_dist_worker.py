@@ -83,6 +83,10 @@ def train_rules(tr) -> list:
         tr.ElasticNet(5e-2, 0.5, on=s.name("2.weight"), mode="decoupled"),
         tr.L2SP(0.5, on=s.biases, mode="decoupled"),
         tr.MaxNorm(0.9, dim=1, on=s.name("0.weight")),
+        # the modern-decay options on DTensors: cautious (θ kept on the local shards), AdamC
+        # coupling, an EMA reference sharded like its parameter
+        tr.L2(1e-2, on=s.name("2.weight"), mode="decoupled", cautious=True, lr_coupling="corrected"),
+        tr.L2SP(0.3, reference="ema", ema_decay=0.9, on=s.name("0.bias"), mode="grad"),
     ]
 
 
