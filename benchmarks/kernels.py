@@ -1,4 +1,4 @@
-"""Micro benchmarks of the penalty kernels against the floor (DESIGN §7).
+"""Micro benchmarks of the penalty kernels against the floor (docs/design.md §8).
 
 A thin wrapper over ``torch_regularizers.bench`` (the same code as
 ``python -m torch_regularizers bench``) that skips the end-to-end part::

@@ -117,6 +117,8 @@ def _usable(ts: list[Tensor], dtype: torch.dtype, device: torch.device) -> bool:
     for t in ts:
         if t.__class__ not in _PLAIN or t.dtype != dtype or t.device != device or not t.is_contiguous():
             return False
+        if t.is_inference():  # its version counter cannot be bumped
+            return False
     return True
 
 
