@@ -377,6 +377,32 @@ SCENARIOS = {
 }
 
 
+def run_scenarios(tr, rank: int, scenarios: dict, out_dir: str, *, only=None, times: bool = False) -> None:
+    """Run every scenario on this rank (a failure is saved as its traceback, so one broken
+    scenario does not hang the others), with a barrier after each; save the results as
+    ``rank<r>.pt`` and leave the process group. Shared by every multi-process worker."""
+    import time
+
+    import torch.distributed as dist
+
+    results: dict = {"_times": {}} if times else {}
+    try:
+        for name, fn in scenarios.items():
+            if only and name not in only:
+                continue
+            t = time.perf_counter()
+            try:
+                results[name] = fn(tr, rank)
+            except Exception:
+                results[name] = "ERROR: " + traceback.format_exc()
+            dist.barrier()
+            if times:
+                results["_times"][name] = time.perf_counter() - t
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
 def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import warnings
 
@@ -388,17 +414,7 @@ def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch_regularizers as tr
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    results: dict = {}
-    try:
-        for name, fn in SCENARIOS.items():
-            try:
-                results[name] = fn(tr, rank)
-            except Exception:
-                results[name] = "ERROR: " + traceback.format_exc()
-            dist.barrier()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    run_scenarios(tr, rank, SCENARIOS, out_dir)
 
 
 if __name__ == "__main__":

@@ -281,22 +281,8 @@ def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch_regularizers as tr
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    results: dict = {"_times": {}}
-    try:
-        only = os.environ.get("TR_MESH_SCENARIOS")
-        for name, fn in SCENARIOS.items():
-            if only and name not in only.split(","):
-                continue
-            t = time.perf_counter()
-            try:
-                results[name] = fn(tr, rank)
-            except Exception:
-                results[name] = "ERROR: " + traceback.format_exc()
-            dist.barrier()
-            results["_times"][name] = time.perf_counter() - t
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    only = os.environ.get("TR_MESH_SCENARIOS")
+    W.run_scenarios(tr, rank, SCENARIOS, out_dir, only=only.split(",") if only else None, times=True)
 
 
 if __name__ == "__main__":

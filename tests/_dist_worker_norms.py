@@ -14,6 +14,7 @@ import os
 import sys
 import traceback
 
+import _dist_worker as W  # the shared scenario runner (this folder is on sys.path when run)
 import torch
 from torch import nn
 
@@ -208,17 +209,7 @@ def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch_regularizers as tr
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    results: dict = {}
-    try:
-        for name, fn in SCENARIOS.items():
-            try:
-                results[name] = fn(tr, rank)
-            except Exception:
-                results[name] = "ERROR: " + traceback.format_exc()
-            dist.barrier()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    W.run_scenarios(tr, rank, SCENARIOS, out_dir)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 
 import torch
 from torch import nn
@@ -212,17 +211,7 @@ def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     deepspeed.init_distributed(dist_backend="gloo")
-    results: dict = {}
-    try:
-        for name, fn in SCENARIOS.items():
-            try:
-                results[name] = fn(tr, rank)
-            except Exception:
-                results[name] = "ERROR: " + traceback.format_exc()
-            dist.barrier()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    W.run_scenarios(tr, rank, SCENARIOS, out_dir)
 
 
 if __name__ == "__main__":
