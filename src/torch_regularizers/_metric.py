@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["SUPPORTED", "adaptive_step", "check_supported"]
+__all__ = ["PRECONDITIONED", "SUPPORTED", "adaptive_step", "check_supported"]
 
 SUPPORTED = (
     torch.optim.Adam,
@@ -45,6 +45,10 @@ SUPPORTED = (
     torch.optim.RMSprop,
     torch.optim.Adagrad,
 )
+
+#: optimizers that scale each coordinate by its own statistics: a Euclidean prox disagrees
+#: with their metric (the supported ones, plus Adamax and SparseAdam whose metric we do not read)
+PRECONDITIONED = (*SUPPORTED, torch.optim.Adamax, torch.optim.SparseAdam)
 
 
 def check_supported(opt: torch.optim.Optimizer, rules: list[str]) -> None:

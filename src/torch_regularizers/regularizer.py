@@ -25,7 +25,7 @@ from . import _state as _st
 from . import distributed as _dist
 from . import select as _select
 from ._attachment import Attachment, binding_value, sum_values, unwrap_optimizer
-from ._metric import check_supported
+from ._metric import PRECONDITIONED, check_supported
 from ._report import format_summary, stats, summary_dict
 from ._rule import Rule
 from .activity import ActivityHooks, ActivityPenalty
@@ -322,11 +322,9 @@ class Regularizer:
                     "L2 twice). Put all rules in one Regularizer, or select disjoint parameters"
                 )
 
-    _ADAPTIVE = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad", "RMSprop", "SparseAdam")
-
     def _hint_metric(self, att: Attachment) -> None:
         """Euclidean prox with an adaptive optimizer: say once why zeros may come and go."""
-        if not isinstance(att.opt, tuple(getattr(torch.optim, n) for n in self._ADAPTIVE if hasattr(torch.optim, n))):
+        if not isinstance(att.opt, PRECONDITIONED):
             return
         names = sorted(
             {
