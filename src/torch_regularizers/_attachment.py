@@ -40,21 +40,20 @@ import warnings
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
-from itertools import repeat
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from . import distributed as _dist
+from . import kernels as _kernels
 from ._binding import Binding
 from ._metric import adaptive_step
 from ._precision import LOW_PRECISION, stochastic_round_
 
 __all__ = ["STEP_ORDER", "Attachment", "Bucket", "Plan", "binding_value", "sum_values", "unwrap_optimizer"]
 
-_GRAD = operator.attrgetter("grad")
-_TRAINABLE = operator.attrgetter("requires_grad")
+_PLAIN = (nn.Parameter, torch.Tensor)
 _VERSION = operator.attrgetter("_version")
 
 #: The phases of one regularized optimizer step, in order (see the module docstring).
@@ -96,20 +95,26 @@ class Bucket:
     before: dict[int, Tensor] | None = None
     kept: list[Tensor] | None = None
 
+    def __post_init__(self) -> None:
+        #: no tensor subclass among the parameters: their grads may be read in C
+        self.plain = all(type(p) in _PLAIN for p in self.params)
+
     def live(self) -> tuple[list[Tensor], list[Tensor]]:
         """Parameters that take part in an optimizer step (trainable, with a gradient), and grads.
 
-        The common case (every parameter has a gradient and is trainable) is checked with
-        C-level ``map`` passes: the per-step cost is a few tens of ns per tensor."""
+        The common case (every parameter has a gradient and is trainable) is one C loop
+        (:func:`~torch_regularizers.kernels.live_grads`): tens of ns per tensor per step."""
         ps = self.params
-        gs = list(map(_GRAD, ps))
-        if all(map(operator.is_not, gs, repeat(None))) and all(map(_TRAINABLE, ps)):
+        gs = _kernels.live_grads(ps, self.plain)
+        if gs is not None:
             return ps, gs
-        keep = [i for i, (p, g) in enumerate(zip(ps, gs)) if g is not None and p.requires_grad]
-        return [ps[i] for i in keep], [gs[i] for i in keep]
+        keep = [i for i, p in enumerate(ps) if p.grad is not None and p.requires_grad]
+        return [ps[i] for i in keep], [ps[i].grad for i in keep]
 
     def trainable(self) -> list[Tensor]:
         """Manual use: every trainable parameter, with or without a gradient."""
+        if _kernels.all_trainable(self.params, self.plain):
+            return self.params
         return [p for p in self.params if p.requires_grad]
 
 
@@ -488,9 +493,11 @@ class Attachment:
             bk.binding.rule.ema_update_(ps, w)
 
     def _record(self, phase: str, tensors: list[Tensor]) -> None:
-        """Remember the version of every tensor a phase handled, after the whole phase (two
-        rules on one tensor bump its version twice)."""
-        self.done[phase] = (tensors, list(map(_VERSION, tensors)))
+        """Inside an optimizer step, remember the version of every tensor a phase handled,
+        after the whole phase (two rules on one tensor bump its version twice). Manual
+        ``apply_*`` calls are not steps that can be retried: nothing to remember."""
+        if self.open:
+            self.done[phase] = (tensors, list(map(_VERSION, tensors)))
 
     def _already_done(self, phase: str) -> set[int]:
         """ids of the tensors the open step's ``phase`` handled and nobody touched since."""

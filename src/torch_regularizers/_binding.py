@@ -4,7 +4,8 @@ A :class:`Binding` is one rule of one :class:`~torch_regularizers.Regularizer` w
 parameters its selector chose. Binding happens at construction and again whenever the
 model's parameters are replaced (meta-device init + ``to_empty``,
 ``load_state_dict(assign=True)``, ``module.weight = nn.Parameter(...)``): the selection is
-by name, so the rules follow the new tensors (:func:`fingerprint` tells when).
+by name, so the rules follow the new tensors (:class:`ModelWatch` tells when, cheaply
+enough to ask on every manual ``apply_*`` call).
 
 A rule instance belongs to the first Regularizer built with it; passing the same instance
 to another live Regularizer binds a shallow copy there (its own parameters and L2-SP
@@ -14,10 +15,12 @@ references), so building a second regularizer never changes the first.
 from __future__ import annotations
 
 import copy
+import operator
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 from torch import nn
@@ -27,7 +30,7 @@ from . import select as _select
 from ._rule import Rule
 from .activity import ActivityPenalty
 
-__all__ = ["Binding", "bind_rules", "check_prox_conflicts", "fingerprint", "normalize_rules"]
+__all__ = ["Binding", "ModelWatch", "bind_rules", "check_prox_conflicts", "fingerprint", "normalize_rules"]
 
 
 @dataclass
@@ -202,3 +205,49 @@ def check_prox_conflicts(bindings: list[Binding], index: _select.ParamIndex, whe
 def fingerprint(model: nn.Module) -> tuple[int, ...]:
     """Identity of the model's parameter tensors: changes when any of them is replaced."""
     return tuple(id(p) for p in model.parameters())
+
+
+_PARAMS = operator.attrgetter("_parameters")
+_MODULES = operator.attrgetter("_modules")
+
+
+class ModelWatch:
+    """Whether a model's parameters may have changed since the last :meth:`reset`.
+
+    Every way of replacing, adding or removing a parameter or a submodule (``setattr``,
+    ``register_parameter``, ``load_state_dict(assign=True)``, ``to_empty``/``_apply``,
+    FSDP2 and parametrizations writing ``module._parameters[name]`` directly) writes one of
+    the ``_parameters``/``_modules`` dicts of a module of the tree, or replaces such a
+    dict. :meth:`changed` compares those dicts and their values, by identity, with the
+    snapshot: a few C-level ``map`` passes (about 15 ns per entry), where walking
+    ``model.parameters()`` costs about 0.5 µs per parameter. True is only a hint that
+    :func:`fingerprint` then decides (a replaced activation module changes the tree, not
+    the parameters). A tree with a dict that is not a plain ``dict`` answers True always.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.reset()
+
+    def reset(self) -> None:
+        """Snapshot the tree as it is now."""
+        mods = list(self.model.modules())
+        self._mods = mods
+        self._pdicts = list(map(_PARAMS, mods))
+        self._mdicts = list(map(_MODULES, mods))
+        self._dicts = self._pdicts + self._mdicts
+        self._plain = all(type(d) is dict for d in self._dicts)
+        self._values = list(chain.from_iterable(map(dict.values, self._dicts))) if self._plain else []
+
+    def changed(self) -> bool:
+        """True if a parameter or submodule may have been replaced, added or removed."""
+        if not (
+            self._plain
+            and all(map(operator.is_, map(_PARAMS, self._mods), self._pdicts))
+            and all(map(operator.is_, map(_MODULES, self._mods), self._mdicts))
+        ):
+            return True
+        values = self._values
+        return sum(map(len, self._dicts)) != len(values) or not all(
+            map(operator.is_, chain.from_iterable(map(dict.values, self._dicts)), values)
+        )

@@ -103,6 +103,7 @@ class Regularizer:
         names = _binding.rule_names(rules)
         self._bindings = _binding.bind_rules(model, self._index, rules, names, allow_empty)
         self._fingerprint = _binding.fingerprint(model)
+        self._watch = _binding.ModelWatch(model)
         self._manual = self._new_attachment(None)
         self._attachments: list[Attachment] = []  # attached now, in attach order
         # detached optimizers (weakly) -> their attachment: re-attaching continues counting
@@ -137,9 +138,15 @@ class Regularizer:
     # ------------------------------------------------------------------ rebinding
     def _sync(self) -> None:
         """Follow replaced parameters: bind the rules again (by name) if the model's parameter
-        tensors are not the ones bound (see the class docstring)."""
+        tensors are not the ones bound (see the class docstring). Cheap when nothing changed
+        (:class:`~._binding.ModelWatch`): it runs on every manual ``apply_*`` call."""
+        if not self._watch.changed():
+            return
         fp = _binding.fingerprint(self.model)
-        if fp == self._fingerprint or _dist.fsdp2_unsharded(self.model):  # FSDP2 mid-step: transient
+        if fp == self._fingerprint:  # the tree changed, not the parameters
+            self._watch.reset()
+            return
+        if _dist.fsdp2_unsharded(self.model):  # FSDP2 mid-step: transient
             return
         self._index = _select.index(self.model)
         rules = [b.rule for b in self._bindings]
@@ -148,6 +155,7 @@ class Regularizer:
             self.model, self._index, rules, names, self._allow_empty, rebind=True
         )
         self._fingerprint = fp
+        self._watch.reset()
         for att in [self._manual, *self._live_attachments()]:
             att.rebuild()
 

@@ -39,9 +39,11 @@ on the CPU reference) except the group norms, which they sum in float64 (docs/de
 
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 from collections.abc import Sequence
+from itertools import repeat
 from typing import Any, Callable
 
 import torch
@@ -52,6 +54,7 @@ from . import triton as _triton
 
 __all__ = [
     "BACKENDS",
+    "all_trainable",
     "backend_for",
     "build_native",
     "elastic_decay_",
@@ -64,6 +67,7 @@ __all__ = [
     "l2_decay_",
     "l2_grad_",
     "l2_prox_",
+    "live_grads",
     "native_available",
     "set_backend",
     "soft_threshold_",
@@ -125,6 +129,44 @@ def _apply(ps: list[Tensor], gs: list[Tensor] | None, op: str, c: tuple, scratch
             _apply(_batching.pick(ps, idx), None if gs is None else _batching.pick(gs, idx), op, c, scratch)
         return
     aten.apply(op, ps, gs, c, scratch)
+
+
+_GRAD = operator.attrgetter("grad")
+_TRAINABLE = operator.attrgetter("requires_grad")
+
+
+def _bookkeeping(name: str, plain: bool) -> Callable | None:
+    """A native per-step helper (``live_grads``/``all_trainable``) if it may be used."""
+    if not plain or _state.backend == "aten":
+        return None
+    mod = _state.native if _state.native is not None else _native_module()
+    return getattr(mod, name, None) if mod else None
+
+
+def live_grads(params: list[Tensor], plain: bool = True) -> list[Tensor] | None:
+    """``[p.grad for p in params]`` if every parameter is trainable and has a gradient (the
+    common optimizer step), else None — the Regularizer's per-step bookkeeping.
+
+    With the native module loaded (and a backend other than ``"aten"``) one C loop over the
+    list (~25 ns per tensor); else three C-level ``map`` passes (~120 ns per tensor). For
+    plain tensors and ``nn.Parameter`` only (``plain``): the C loop does not go through
+    ``__torch_function__`` as ``.grad`` of a tensor subclass (DTensor) would.
+    """
+    fast = _bookkeeping("live_grads", plain)
+    if fast is not None and type(params) is list:
+        return fast(params)
+    gs = list(map(_GRAD, params))
+    if all(map(operator.is_not, gs, repeat(None))) and all(map(_TRAINABLE, params)):
+        return gs
+    return None
+
+
+def all_trainable(params: list[Tensor], plain: bool = True) -> bool:
+    """Whether every parameter requires grad (natively when it may, see :func:`live_grads`)."""
+    fast = _bookkeeping("all_trainable", plain)
+    if fast is not None and type(params) is list:
+        return fast(params)
+    return all(map(_TRAINABLE, params))
 
 
 # --------------------------------------------------------------------------- settings

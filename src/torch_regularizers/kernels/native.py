@@ -250,7 +250,36 @@ bool soft_threshold_(const TL& ps, double t, double d) {
   return true;
 }
 
+// The gradients of ps (a list of tensors) when every one is trainable and has one (the
+// common step), else None: the per-step bookkeeping of the Regularizer (Bucket.live) in
+// one C loop over the list (no tensor copies, no Python attribute lookups).
+py::object live_grads(py::list ps) {
+  const Py_ssize_t n = PyList_GET_SIZE(ps.ptr());
+  py::list out(n);
+  for (Py_ssize_t k = 0; k < n; ++k) {
+    PyObject* obj = PyList_GET_ITEM(ps.ptr(), k);
+    if (!THPVariable_Check(obj)) return py::none();
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    const at::Tensor& g = t.grad();
+    if (!g.defined() || !t.requires_grad()) return py::none();
+    PyList_SET_ITEM(out.ptr(), k, THPVariable_Wrap(g));
+  }
+  return std::move(out);
+}
+
+// Whether every tensor of ps (a list) requires grad (Bucket.trainable, manual apply_*).
+bool all_trainable(py::list ps) {
+  const Py_ssize_t n = PyList_GET_SIZE(ps.ptr());
+  for (Py_ssize_t k = 0; k < n; ++k) {
+    PyObject* obj = PyList_GET_ITEM(ps.ptr(), k);
+    if (!THPVariable_Check(obj) || !THPVariable_Unpack(obj).requires_grad()) return false;
+  }
+  return true;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("live_grads", &live_grads);
+  m.def("all_trainable", &all_trainable);
   m.def("sign_add_", &sign_add_);
   m.def("sign_axpy_add_", &sign_axpy_add_);
   m.def("axpy_add_", &axpy_add_);
