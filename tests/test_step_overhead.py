@@ -307,3 +307,51 @@ def test_regularizer_trains_subclass_parameters_like_plain_ones(backend):
         out.append(copy.deepcopy({k: v.detach() for k, v in m.state_dict().items()}))
     for k in out[0]:
         torch.testing.assert_close(out[0][k], out[1][k], rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- retry record
+def test_versions_are_the_version_counters(backend):
+    ps = _params(300)
+    for i, p in enumerate(ps):
+        with torch.no_grad():
+            for _ in range(i % 7):
+                p.add_(1)
+    got = kernels.versions(ps)
+    assert list(got) == [p._version for p in ps]
+    assert list(kernels.versions([])) == []
+
+
+class _FailOnce:
+    def __init__(self):
+        self.armed = True
+
+    def __call__(self, opt, args, kwargs):
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("simulated failure before the update")
+
+
+@pytest.mark.parametrize("touch", [False, True], ids=["retried", "grads-recomputed"])
+def test_retried_step_regularizes_each_gradient_once(backend, touch):
+    """A step that fails after our pre-hook and is retried equals one torch SGD step with
+    ``weight_decay`` (λ·θ added once); gradients recomputed between the two attempts (their
+    version moved) are regularized again, as fresh gradients must be."""
+    torch.manual_seed(0)
+    m = nn.Sequential(*[nn.Linear(3, 3) for _ in range(40)])
+    ref = copy.deepcopy(m)
+    x = torch.randn(2, 3)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, weight_decay=LAM, foreach=True)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, foreach=True)
+    tr.Regularizer(m, [tr.L2(LAM, mode="grad", on=tr.select.all)]).attach(opt)
+    opt.register_step_pre_hook(_FailOnce())  # runs after ours, before the update
+    for net in (ref, m):
+        net(x).square().sum().backward()
+    with pytest.raises(RuntimeError, match="simulated"):
+        opt.step()
+    if touch:
+        opt.zero_grad(set_to_none=False)
+        m(x).square().sum().backward()
+    opt.step()
+    opt_ref.step()
+    for a, b in zip(m.parameters(), ref.parameters()):
+        assert torch.equal(a, b)

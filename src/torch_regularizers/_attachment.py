@@ -35,7 +35,6 @@ non-finite one gives c = 0.
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 import weakref
 from collections import defaultdict
@@ -54,7 +53,6 @@ from ._precision import LOW_PRECISION, stochastic_round_
 __all__ = ["STEP_ORDER", "Attachment", "Bucket", "Plan", "binding_value", "sum_values", "unwrap_optimizer"]
 
 _PLAIN = (nn.Parameter, torch.Tensor)
-_VERSION = operator.attrgetter("_version")
 
 #: The phases of one regularized optimizer step, in order (see the module docstring).
 STEP_ORDER = (
@@ -497,12 +495,12 @@ class Attachment:
         after the whole phase (two rules on one tensor bump its version twice). Manual
         ``apply_*`` calls are not steps that can be retried: nothing to remember."""
         if self.open:
-            self.done[phase] = (tensors, list(map(_VERSION, tensors)))
+            self.done[phase] = (tensors, _kernels.versions(tensors))
 
     def _already_done(self, phase: str) -> set[int]:
         """ids of the tensors the open step's ``phase`` handled and nobody touched since."""
-        tensors, versions = self.done.get(phase, ((), ()))
-        return {id(t) for t, v in zip(tensors, versions) if t._version == v}
+        tensors, then = self.done.get(phase, ([], ()))
+        return {id(t) for t, v, w in zip(tensors, then, _kernels.versions(tensors)) if v == w}
 
     def prox_phase(self, plan: Plan, *, live: bool = True) -> None:
         """θ ← prox_{c·R}(θ)."""

@@ -10,9 +10,11 @@ Micro benchmarks: every penalty × mode on three parameter sets
 each timed against the *floor* — one multi-tensor pass reading θ and g and writing g,
 ``torch._foreach_add_(grads, params, alpha=0)`` — measured in the same rounds,
 interleaved (every round times each method once, in rotating order), and reported as
-the median over rounds of the per-round ratio method / floor; every timed call is
-preceded by an untimed floor pass over the same tensors, so each starts from the same
-cache state. Beside the library
+the median over rounds of the per-round ratio method / floor. Every method works on the
+same tensors — the parameters (``nn.Parameter``) of one model and their gradients, the
+ones the ``Regularizer`` column regularizes — under ``torch.no_grad()`` as in an
+optimizer step, and every timed call is preceded by an untimed floor pass over them, so
+each starts from the same cache state. Beside the library
 (per kernel backend, and through the full ``Regularizer`` path) it times, in the same
 rounds: the naive ``torch._foreach_*`` sequence, a per-parameter hook loop, the
 hand-written loss term + ``backward()`` (grad mode) and torch's own ``weight_decay`` ops
@@ -324,6 +326,14 @@ def _alternatives(kind: str, mode: str, ps: list[Tensor], gs: list[Tensor]) -> d
     return fns
 
 
+def _no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        with torch.no_grad():
+            return fn()
+
+    return run
+
+
 def _loss_backward(kind: str, params: list[Tensor]) -> Callable[[], Any]:
     """The hand-written loss term on leaf copies of the parameters, plus ``backward()``
     (which accumulates into their existing ``.grad``)."""
@@ -377,8 +387,14 @@ def micro(
             for mode in modes:
                 if not _applies(kind, mode):
                     continue
-                ps = [p.clone() for p in base]
-                gs = [torch.randn_like(p) for p in base]
+                # every method on the same tensors, the ones the Regularizer regularizes: a
+                # model's parameters (nn.Parameter) and their gradients (so the floor, the
+                # kernels and the Regularizer meet the same caches)
+                holder = _Holder(base).to(device)
+                for p in holder.ps:
+                    p.grad = torch.randn_like(p)
+                ps = list(holder.ps)
+                gs = [p.grad for p in ps]
                 pen = _penalty(kind, mode)
                 fns: dict[str, Callable[[], Any]] = {"floor": lambda ps=ps, gs=gs: torch._foreach_add_(gs, ps, alpha=0)}
                 setup: dict[str, Callable[[], Any]] = {}
@@ -396,9 +412,6 @@ def micro(
                     fns[f"library[{be}]"] = lib()
                     setup[f"library[{be}]"] = lambda be=be: kernels.set_backend(be)
                 # the whole Regularizer path (bucket filtering + dispatch), default backend
-                holder = _Holder(base).to(device)
-                for p in holder.ps:
-                    p.grad = torch.randn_like(p)
                 rule = tr.MaxNorm(3.0, on=tr.select.all) if kind == "maxnorm" else type(pen)(
                     *( (LAM, 0.5) if kind == "elasticnet" else (LAM,) ), on=tr.select.all, mode=mode
                 )
@@ -420,6 +433,9 @@ def micro(
                     fns.update(_alternatives(kind, mode, ps, gs))
                     if mode == "grad" and kind in ("l2", "l1", "elasticnet"):
                         fns["loss+backward"] = _loss_backward(kind, base)
+                # under no_grad, as in an optimizer step (ops on parameters that require grad
+                # take autograd's slow path otherwise); the loss term needs autograd
+                fns = {k: f if k == "loss+backward" else _no_grad(f) for k, f in fns.items()}
                 old = kernels.get_backend()
                 try:
                     times = interleaved(fns, reps, warmup=1, device=device, setup=setup, prelude=fns["floor"])

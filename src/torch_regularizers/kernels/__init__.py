@@ -42,6 +42,7 @@ from __future__ import annotations
 import operator
 import os
 import warnings
+from array import array
 from collections.abc import Sequence
 from itertools import repeat
 from typing import Any, Callable
@@ -72,6 +73,7 @@ __all__ = [
     "set_backend",
     "soft_threshold_",
     "triton_available",
+    "versions",
 ]
 
 BACKENDS = ("auto", "aten", "native", "triton")
@@ -167,6 +169,21 @@ def all_trainable(params: list[Tensor], plain: bool = True) -> bool:
     if fast is not None and type(params) is list:
         return fast(params)
     return all(map(_TRAINABLE, params))
+
+
+_VERSION = operator.attrgetter("_version")
+
+
+def versions(tensors: list[Tensor]) -> array:
+    """The version counters (``t._version``) of ``tensors``, as an ``array('q')`` (natively
+    when it may, see :func:`live_grads`; any tensor type: the counter is not dispatched)."""
+    fast = _bookkeeping("versions", True)
+    out = array("q")
+    if fast is not None and type(tensors) is list:
+        out.frombytes(fast(tensors))
+    else:
+        out.extend(map(_VERSION, tensors))
+    return out
 
 
 # --------------------------------------------------------------------------- settings

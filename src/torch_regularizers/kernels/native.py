@@ -277,9 +277,24 @@ bool all_trainable(py::list ps) {
   return true;
 }
 
+// The version counters of ts (a list of tensors) as native int64 bytes (the retry record of
+// an optimizer step, Attachment._record).
+py::bytes versions(py::list ts) {
+  const Py_ssize_t n = PyList_GET_SIZE(ts.ptr());
+  std::string buf(static_cast<size_t>(n) * sizeof(int64_t), '\0');
+  int64_t* v = reinterpret_cast<int64_t*>(&buf[0]);
+  for (Py_ssize_t k = 0; k < n; ++k) {
+    PyObject* obj = PyList_GET_ITEM(ts.ptr(), k);
+    if (!THPVariable_Check(obj)) throw py::type_error("versions(): a list of tensors is needed");
+    v[k] = THPVariable_Unpack(obj)._version();
+  }
+  return py::bytes(buf);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("live_grads", &live_grads);
   m.def("all_trainable", &all_trainable);
+  m.def("versions", &versions);
   m.def("sign_add_", &sign_add_);
   m.def("sign_axpy_add_", &sign_axpy_add_);
   m.def("axpy_add_", &axpy_add_);
