@@ -268,7 +268,16 @@ def test_live_grads_native_matches_python_including_grads_autograd_made(native_m
     assert native_mod.live_grads([]) == []
     assert native_mod.all_trainable(ps) and native_mod.all_trainable([])
     ps[-1].requires_grad_(False)
-    assert native_mod.live_grads(ps) is None and not native_mod.all_trainable(ps)
+    assert native_mod.live_grads(ps) is False and native_mod.all_trainable(ps) is False
+    ps[-1].requires_grad_(True)
+    ps[0].grad = None
+    assert native_mod.live_grads(ps) is False and native_mod.all_trainable(ps) is True
+    # an item that is not an exact Tensor/Parameter: "ask Python" (None), whatever else
+    sub = _TracedParam(torch.randn(3))
+    sub.grad = torch.ones(3)
+    for helper in (native_mod.live_grads, native_mod.all_trainable, native_mod.versions):
+        assert helper([sub]) is None and helper(ps[1:] + [sub]) is None
+        assert helper([ps[1], 3]) is None
 
 
 class _TracedParam(nn.Parameter):
@@ -287,7 +296,6 @@ def test_tensor_subclass_parameters_read_grad_through_torch_function(backend):
     p = _TracedParam(torch.randn(3))
     p.grad = torch.ones(3)
     bk = Bucket(binding=None, group=None, group_index=0, params=[p])
-    assert not bk.plain
     before = _TracedParam.reads
     ps, gs = bk.live()
     assert ps == [p] and gs[0] is p.grad
@@ -355,3 +363,38 @@ def test_retried_step_regularizes_each_gradient_once(backend, touch):
     opt_ref.step()
     for a, b in zip(m.parameters(), ref.parameters()):
         assert torch.equal(a, b)
+
+
+def test_an_active_torch_function_mode_sees_the_grad_reads(backend):
+    """Under a ``TorchFunctionMode`` the live lists are read through Python (the mode sees
+    every ``.grad`` read), with the same result."""
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        reads = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") == "__get__":
+                Count.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    ps = _params(4)
+    bk = Bucket(binding=None, group=None, group_index=0, params=ps)
+    with Count():
+        live_ps, live_gs = bk.live()
+    assert Count.reads >= len(ps)
+    assert [id(g) for g in live_gs] == [id(p.grad) for p in ps]
+
+
+def test_a_reassigned_model_is_followed(backend):
+    """``reg.model = other`` (same architecture): the next call regularizes ``other``."""
+    a, b = _model(), _model()
+    reg = tr.Regularizer(a, [tr.L2(LAM, mode="grad", on=tr.select.weights)])
+    reg.model = b
+    for p in list(a.parameters()) + list(b.parameters()):
+        p.grad = torch.ones_like(p)
+    reg.apply_grad()
+    for name, p in b.named_parameters():
+        want = 1 + LAM * p.detach() if name.endswith("weight") else torch.ones_like(p)
+        torch.testing.assert_close(p.grad, want, rtol=0, atol=0)
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in a.parameters())

@@ -38,6 +38,7 @@ import math
 import warnings
 import weakref
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -52,7 +53,6 @@ from ._precision import LOW_PRECISION, stochastic_round_
 
 __all__ = ["STEP_ORDER", "Attachment", "Bucket", "Plan", "binding_value", "sum_values", "unwrap_optimizer"]
 
-_PLAIN = (nn.Parameter, torch.Tensor)
 
 #: The phases of one regularized optimizer step, in order (see the module docstring).
 STEP_ORDER = (
@@ -93,17 +93,13 @@ class Bucket:
     before: dict[int, Tensor] | None = None
     kept: list[Tensor] | None = None
 
-    def __post_init__(self) -> None:
-        #: no tensor subclass among the parameters: their grads may be read in C
-        self.plain = all(type(p) in _PLAIN for p in self.params)
-
     def live(self) -> tuple[list[Tensor], list[Tensor]]:
         """Parameters that take part in an optimizer step (trainable, with a gradient), and grads.
 
         The common case (every parameter has a gradient and is trainable) is one C loop
         (:func:`~torch_regularizers.kernels.live_grads`): tens of ns per tensor per step."""
         ps = self.params
-        gs = _kernels.live_grads(ps, self.plain)
+        gs = _kernels.live_grads(ps)
         if gs is not None:
             return ps, gs
         keep = [i for i, p in enumerate(ps) if p.grad is not None and p.requires_grad]
@@ -111,7 +107,7 @@ class Bucket:
 
     def trainable(self) -> list[Tensor]:
         """Manual use: every trainable parameter, with or without a gradient."""
-        if _kernels.all_trainable(self.params, self.plain):
+        if _kernels.all_trainable(self.params):
             return self.params
         return [p for p in self.params if p.requires_grad]
 
@@ -167,7 +163,7 @@ class Attachment:
         self.plan: Plan | None = None
         self.open = False  # a step's pre-hook ran and its post-hook did not (it raised)
         #: what the open step changed, per phase: (tensors, their versions after the phase)
-        self.done: dict[str, tuple[list[Tensor], list[int]]] = {}
+        self.done: dict[str, tuple[list[Tensor], Sequence[int]]] = {}
         self.on_step_end: Callable[[], None] = lambda: None
         self.rebuild()
 

@@ -10,8 +10,8 @@ Micro benchmarks: every penalty × mode on three parameter sets
 each timed against the *floor* — one multi-tensor pass reading θ and g and writing g,
 ``torch._foreach_add_(grads, params, alpha=0)`` — measured in the same rounds,
 interleaved (every round times each method once, in rotating order), and reported as
-the median over rounds of the per-round ratio method / floor. Every method works on the
-same tensors — the parameters (``nn.Parameter``) of one model and their gradients, the
+the median over rounds of the per-round ratio method / floor. Every method (but the loss
+term, on leaf copies) works on the same tensors — the parameters (``nn.Parameter``) of one model and their gradients, the
 ones the ``Regularizer`` column regularizes — under ``torch.no_grad()`` as in an
 optimizer step, and every timed call is preceded by an untimed floor pass over them, so
 each starts from the same cache state. Beside the library

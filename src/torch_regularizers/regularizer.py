@@ -140,7 +140,10 @@ class Regularizer:
         """Follow replaced parameters: bind the rules again (by name) if the model's parameter
         tensors are not the ones bound (see the class docstring). Cheap when nothing changed
         (:class:`~._binding.ModelWatch`): it runs on every manual ``apply_*`` call."""
-        if not self._watch.changed():
+        if self._watch.model is not self.model:  # reg.model was reassigned
+            self._watch = _binding.ModelWatch(self.model)
+            self._fingerprint = ()
+        elif not self._watch.changed():
             return
         fp = _binding.fingerprint(self.model)
         if fp == self._fingerprint:  # the tree changed, not the parameters

@@ -137,38 +137,41 @@ _GRAD = operator.attrgetter("grad")
 _TRAINABLE = operator.attrgetter("requires_grad")
 
 
-def _bookkeeping(name: str, plain: bool) -> Callable | None:
-    """A native per-step helper (``live_grads``/``all_trainable``) if it may be used."""
-    if not plain or _state.backend == "aten":
+def _bookkeeping(name: str, ts: Any) -> Callable | None:
+    """A native per-step helper (``live_grads``/``all_trainable``/``versions``) if it may be
+    used: the module is loaded, the backend is not ``"aten"`` (which times what a user gets
+    without the native build), ``ts`` is a list and no ``TorchFunctionMode`` is active (the
+    C loop reads attributes without dispatching)."""
+    if _state.backend == "aten" or type(ts) is not list or torch._C._is_torch_function_mode_enabled():
         return None
     mod = _state.native if _state.native is not None else _native_module()
     return getattr(mod, name, None) if mod else None
 
 
-def live_grads(params: list[Tensor], plain: bool = True) -> list[Tensor] | None:
+def live_grads(params: list[Tensor]) -> list[Tensor] | None:
     """``[p.grad for p in params]`` if every parameter is trainable and has a gradient (the
     common optimizer step), else None — the Regularizer's per-step bookkeeping.
 
     With the native module loaded (and a backend other than ``"aten"``) one C loop over the
-    list (~25 ns per tensor); else three C-level ``map`` passes (~120 ns per tensor). For
-    plain tensors and ``nn.Parameter`` only (``plain``): the C loop does not go through
-    ``__torch_function__`` as ``.grad`` of a tensor subclass (DTensor) would.
+    list (~25 ns per tensor); else, or when an item is a tensor subclass (whose ``.grad``
+    may go through ``__torch_function__``), three C-level ``map`` passes (~120 ns per tensor).
     """
-    fast = _bookkeeping("live_grads", plain)
-    if fast is not None and type(params) is list:
-        return fast(params)
+    fast = _bookkeeping("live_grads", params)
+    if fast is not None:
+        got = fast(params)
+        if got is not None:
+            return got or None
     gs = list(map(_GRAD, params))
     if all(map(operator.is_not, gs, repeat(None))) and all(map(_TRAINABLE, params)):
         return gs
     return None
 
 
-def all_trainable(params: list[Tensor], plain: bool = True) -> bool:
+def all_trainable(params: list[Tensor]) -> bool:
     """Whether every parameter requires grad (natively when it may, see :func:`live_grads`)."""
-    fast = _bookkeeping("all_trainable", plain)
-    if fast is not None and type(params) is list:
-        return fast(params)
-    return all(map(_TRAINABLE, params))
+    fast = _bookkeeping("all_trainable", params)
+    got = fast(params) if fast is not None else None
+    return all(map(_TRAINABLE, params)) if got is None else got
 
 
 _VERSION = operator.attrgetter("_version")
@@ -176,13 +179,14 @@ _VERSION = operator.attrgetter("_version")
 
 def versions(tensors: list[Tensor]) -> array:
     """The version counters (``t._version``) of ``tensors``, as an ``array('q')`` (natively
-    when it may, see :func:`live_grads`; any tensor type: the counter is not dispatched)."""
-    fast = _bookkeeping("versions", True)
+    when it may, see :func:`live_grads`)."""
+    fast = _bookkeeping("versions", tensors)
+    got = fast(tensors) if fast is not None else None
     out = array("q")
-    if fast is not None and type(tensors) is list:
-        out.frombytes(fast(tensors))
-    else:
+    if got is None:
         out.extend(map(_VERSION, tensors))
+    else:
+        out.frombytes(got)
     return out
 
 
@@ -202,7 +206,8 @@ def set_backend(name: str) -> None:
             f"(pip install torch-regularizers[triton]): {_triton.import_error()}"
         )
     _state.backend = name
-    _state.native = None
+    if _state.native is False:  # looked up and unavailable: look again (it may be built now)
+        _state.native = None
     if name == "native":
         _state.native = native.load(build=True)
 

@@ -32,6 +32,7 @@ The tests compare every kernel with that ATen sequence bit for bit.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -250,42 +251,48 @@ bool soft_threshold_(const TL& ps, double t, double d) {
   return true;
 }
 
-// The gradients of ps (a list of tensors) when every one is trainable and has one (the
-// common step), else None: the per-step bookkeeping of the Regularizer (Bucket.live) in
-// one C loop over the list (no tensor copies, no Python attribute lookups).
-py::object live_grads(py::list ps) {
-  const Py_ssize_t n = PyList_GET_SIZE(ps.ptr());
-  py::list out(n);
-  for (Py_ssize_t k = 0; k < n; ++k) {
-    PyObject* obj = PyList_GET_ITEM(ps.ptr(), k);
-    if (!THPVariable_Check(obj)) return py::none();
+// Per-step bookkeeping of the Regularizer (Bucket.live/trainable, the retry record of a
+// step) in one C loop over a Python list, for plain tensors and nn.Parameter only
+// (THPVariable_CheckExact): a subclass's attribute reads may go through
+// __torch_function__, so any other item answers None ("ask Python").
+
+// [t.grad for t in ts] if every one is trainable and has a gradient; False if one is
+// not; None if an item is not an exact Tensor/Parameter.
+py::object live_grads(py::list ts) {
+  py::list out(PyList_GET_SIZE(ts.ptr()));
+  for (Py_ssize_t k = 0; k < PyList_GET_SIZE(ts.ptr()) && k < PyList_GET_SIZE(out.ptr()); ++k) {
+    PyObject* obj = PyList_GET_ITEM(ts.ptr(), k);
+    if (!THPVariable_CheckExact(obj)) return py::none();
     const at::Tensor& t = THPVariable_Unpack(obj);
     const at::Tensor& g = t.grad();
-    if (!g.defined() || !t.requires_grad()) return py::none();
-    PyList_SET_ITEM(out.ptr(), k, THPVariable_Wrap(g));
+    if (!g.defined() || !t.requires_grad()) return py::bool_(false);
+    PyObject* w = THPVariable_Wrap(g);
+    if (w == nullptr) throw py::error_already_set();
+    PyList_SET_ITEM(out.ptr(), k, w);
   }
+  if (PyList_GET_SIZE(ts.ptr()) != PyList_GET_SIZE(out.ptr())) return py::none();  // resized meanwhile
   return std::move(out);
 }
 
-// Whether every tensor of ps (a list) requires grad (Bucket.trainable, manual apply_*).
-bool all_trainable(py::list ps) {
-  const Py_ssize_t n = PyList_GET_SIZE(ps.ptr());
-  for (Py_ssize_t k = 0; k < n; ++k) {
-    PyObject* obj = PyList_GET_ITEM(ps.ptr(), k);
-    if (!THPVariable_Check(obj) || !THPVariable_Unpack(obj).requires_grad()) return false;
+// Whether every item requires grad; None if an item is not an exact Tensor/Parameter.
+py::object all_trainable(py::list ts) {
+  bool all = true;
+  for (Py_ssize_t k = 0; k < PyList_GET_SIZE(ts.ptr()); ++k) {
+    PyObject* obj = PyList_GET_ITEM(ts.ptr(), k);
+    if (!THPVariable_CheckExact(obj)) return py::none();
+    all = all && THPVariable_Unpack(obj).requires_grad();
   }
-  return true;
+  return py::bool_(all);
 }
 
-// The version counters of ts (a list of tensors) as native int64 bytes (the retry record of
-// an optimizer step, Attachment._record).
-py::bytes versions(py::list ts) {
+// The version counters as native int64 bytes; None if an item is not an exact Tensor/Parameter.
+py::object versions(py::list ts) {
   const Py_ssize_t n = PyList_GET_SIZE(ts.ptr());
   std::string buf(static_cast<size_t>(n) * sizeof(int64_t), '\0');
   int64_t* v = reinterpret_cast<int64_t*>(&buf[0]);
   for (Py_ssize_t k = 0; k < n; ++k) {
     PyObject* obj = PyList_GET_ITEM(ts.ptr(), k);
-    if (!THPVariable_Check(obj)) throw py::type_error("versions(): a list of tensors is needed");
+    if (!THPVariable_CheckExact(obj)) return py::none();
     v[k] = THPVariable_Unpack(obj)._version();
   }
   return py::bytes(buf);
@@ -334,6 +341,7 @@ def _cpu_id() -> str:
     return info
 
 
+@functools.cache
 def module_name() -> str:
     key = "\0".join(
         [SOURCE, " ".join(CFLAGS), " ".join(LDFLAGS), torch.__version__, sys.version, _cpu_id()]
