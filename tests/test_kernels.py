@@ -348,6 +348,29 @@ def test_big_tensor_several_chunks(key, backend):
     assert_same(got[i], want[i], soft_aten=op == "soft" and backend == "aten")
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("key", ["l1_grad", "en_grad", "l2_decay", "soft_div", "l1_decay"])
+def test_native_work_split_covers_every_element(key, threads, native_mod):
+    """The native work split — big tensors sliced across threads, the small ones as one
+    concatenated range — at 1, 2 and 3 threads: tensors at and around the big/small
+    boundary (threads × 32768 elements), many tiny ones between them, every element equal
+    to the reference."""
+    op, c = op_name(key), OPS[key]
+    sizes_ = [1, 65535, 7, 65536, 3 * 32768 + 7, 5, 98304, 200_001] + [3] * 40 + [32768]
+    old_backend, old_threads = kernels.get_backend(), torch.get_num_threads()
+    try:
+        kernels.set_backend("native")
+        torch.set_num_threads(threads)
+        ps, gs = make([((n,), torch.float32) for n in sizes_], seed=11)
+        want = ref(op, ps, gs if op in GRAD_OPS else None, c)
+        got = run(op, ps, gs if op in GRAD_OPS else None, c)
+    finally:
+        torch.set_num_threads(old_threads)
+        kernels.set_backend(old_backend)
+    i = 1 if op in GRAD_OPS else 0
+    assert_same(got[i], want[i], soft_aten=False)
+
+
 def test_native_bitwise_equals_aten(native_mod):
     """The two backends agree bit for bit (besides the aten soft-threshold's -0.0)."""
     specs = [(s, torch.float32) for s in MIXED_SHAPES] + [((_batching.SMALL * 3,), torch.float32)]

@@ -10,9 +10,11 @@ exactly like the floor ``torch._foreach_add_(grads, params, alpha=0)``, where th
 ATen sequence needs a ``sign`` pass and an ``add`` pass. Each call builds a flat **work
 list** — every tensor's data pointers and its element range in the concatenation of the
 list — and runs *one* OpenMP parallel region (``at::parallel_for``, torch's thread pool and
-``torch.get_num_threads()``) over the concatenated range: each thread takes one contiguous
-slice of it, which may span many tiny tensors or part of one big one. So 2000 tiny tensors
-cost one region, not one per tensor per op, and big tensors use every thread.
+``torch.get_num_threads()``), one task per thread: thread t takes the t-th slice of every
+big tensor (the split ATen's own kernels use, and so the parallel copy or init that first
+touched the pages: each thread streams memory it touched) and the t-th slice of the
+concatenation of the small ones. So 2000 tiny tensors cost one region, not one per tensor
+per op, and big tensors use every thread.
 
 The library is compiled with ``-fopenmp``: without it ``at::parallel_for`` (a header
 template) silently runs serially (an earlier build did, which is why the kernels did not
@@ -96,20 +98,55 @@ struct Work {
       g[k] = gs ? (*gs)[k].data_ptr<T>() : p[k];
     }
   }
-  // f(p, g, n): n elements of one tensor. One parallel region for the whole list; each
-  // thread walks its slice [b, e) of the concatenated range across tensors.
+  // f(p, g, n): n elements of one tensor. One parallel region for the whole list, one task
+  // per thread t of nt: the t-th of nt equal slices of every tensor of at least nt·kGrain
+  // elements — the split ATen's own kernels use, and the parallel copy or init that
+  // usually first touched that memory, so each thread streams the pages it touched (a
+  // split by whole tensors ran 1.3-1.5x slower than the floor on 2-core VMs at times,
+  // docs/design.md §8) — and the t-th slice of the concatenation of the smaller tensors
+  // (many tiny tensors per task, whatever their number).
   template <typename F>
   void run(const F& f) const {
     const int64_t total = offs.back();
     if (total == 0) return;
-    at::parallel_for(0, total, kGrain, [&](int64_t b, int64_t e) {
-      int64_t k = std::upper_bound(offs.begin(), offs.end(), b) - offs.begin() - 1;
-      while (b < e) {
-        const int64_t stop = std::min(e, offs[k + 1]);
-        if (stop > b) f(p[k] + (b - offs[k]), g[k] + (b - offs[k]), stop - b);
-        b = std::max(b, stop);
-        ++k;
+    const int64_t nt = std::max<int64_t>(
+        1, std::min<int64_t>(at::get_num_threads(), (total + kGrain - 1) / kGrain));
+    const int64_t n_t = static_cast<int64_t>(p.size());
+    std::vector<int64_t> big, small_idx, small_offs{0};
+    for (int64_t k = 0; k < n_t; ++k) {
+      const int64_t n = offs[k + 1] - offs[k];
+      if (nt > 1 && n >= nt * kGrain) {
+        big.push_back(k);
+      } else {
+        small_idx.push_back(k);
+        small_offs.push_back(small_offs.back() + n);
       }
+    }
+    const int64_t small_total = small_offs.back();
+    const auto task = [&](int64_t t) {
+      for (const int64_t k : big) {
+        const int64_t n = offs[k + 1] - offs[k];
+        const int64_t b = n * t / nt, e = n * (t + 1) / nt;
+        if (e > b) f(p[k] + b, g[k] + b, e - b);
+      }
+      int64_t b = small_total * t / nt;
+      const int64_t e = small_total * (t + 1) / nt;
+      if (e <= b) return;
+      size_t j = std::upper_bound(small_offs.begin(), small_offs.end(), b) - small_offs.begin() - 1;
+      while (b < e) {
+        const int64_t k = small_idx[j];
+        const int64_t stop = std::min(e, small_offs[j + 1]);
+        if (stop > b) f(p[k] + (b - small_offs[j]), g[k] + (b - small_offs[j]), stop - b);
+        b = std::max(b, stop);
+        ++j;
+      }
+    };
+    if (nt == 1) {
+      task(0);
+      return;
+    }
+    at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
+      for (int64_t t = tb; t < te; ++t) task(t);
     });
   }
 };
