@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce benchmarks/RESULTS.md and the README's Performance tables on this machine:
 #
-#     benchmarks/run_results.sh            # ~20-40 min on the 2-core development machine
+#     benchmarks/run_results.sh            # ~15 min on the 2-core development machine (plus waits for a quiet machine)
 #
 # Every micro set and the end-to-end runs separately, each started once the machine's
 # 1-minute load average is under $MAX_LOAD (default 0.9; the machine is shared, and after
