@@ -34,29 +34,7 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
 # --------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def native_mod():
-    """The native kernels, built once (cached on disk); skip where no toolchain builds them."""
-    try:
-        return _native.load(build=True)
-    except RuntimeError as e:
-        pytest.skip(f"native kernels unavailable: {e}")
-
-
-def _backends():
-    return [pytest.param("aten", id="aten"), pytest.param("native", id="native")]
-
-
-@pytest.fixture(params=_backends())
-def backend(request):
-    old = kernels.get_backend()
-    if request.param == "native":
-        request.getfixturevalue("native_mod")
-    kernels.set_backend(request.param)
-    yield request.param
-    kernels.set_backend(old)
-
-
+# native_mod, backend: tests/conftest.py
 @pytest.fixture(params=["default", "shrunk"])
 def sizes(request, monkeypatch):
     """Default thresholds, or tiny ones so that few elements hit every path (several

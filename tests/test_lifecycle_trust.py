@@ -11,6 +11,7 @@ import weakref
 
 import pytest
 import torch
+from _hooks import FailOnce
 from torch import nn
 
 import torch_regularizers as tr
@@ -222,16 +223,6 @@ def test_item4_disjoint_regularizers_may_share_an_optimizer():
 
 
 # ------------------------------------------------------------------ 5. failed step, retried
-class _FailOnce:
-    def __init__(self):
-        self.armed = True
-
-    def __call__(self, opt, args, kwargs):
-        if self.armed:
-            self.armed = False
-            raise RuntimeError("simulated failure before the update")
-
-
 @pytest.mark.parametrize("mode", ["grad", "decoupled"])
 def test_item5_retried_step_equals_one_step(mode):
     torch.manual_seed(0)
@@ -254,7 +245,7 @@ def test_item5_retried_step_equals_one_step(mode):
         else torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.0, foreach=True)
     )
     tr.Regularizer(m, [tr.L2(0.1, mode=mode)]).attach(opt)
-    opt.register_step_pre_hook(_FailOnce())  # runs after ours, before the update
+    opt.register_step_pre_hook(FailOnce())  # runs after ours, before the update
     for net, o in ((ref, opt_ref), (m, opt)):
         o.zero_grad()
         net(x).square().sum().backward()
@@ -488,7 +479,7 @@ def test_item5_retry_with_two_rules_on_one_parameter(mode):
         opt = torch.optim.SGD(m.parameters(), lr=lr)
         tr.Regularizer(m, [tr.L2(l2, mode=mode), tr.L1(l1, mode=mode)]).attach(opt)
         if fail:
-            opt.register_step_pre_hook(_FailOnce())
+            opt.register_step_pre_hook(FailOnce())
         m.weight.grad = torch.zeros_like(w0)
         if fail:
             with pytest.raises(RuntimeError):

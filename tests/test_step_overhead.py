@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+from _hooks import FailOnce
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -21,7 +22,6 @@ import torch_regularizers as tr
 from torch_regularizers import kernels
 from torch_regularizers._attachment import Bucket
 from torch_regularizers._binding import ModelWatch
-from torch_regularizers.kernels import native as _native
 
 LAM = 0.25
 
@@ -33,25 +33,6 @@ def _walk(model: nn.Module) -> tuple[int, ...]:
 def _model() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
-
-
-@pytest.fixture(scope="module")
-def native_mod():
-    try:
-        return _native.load(build=True)
-    except RuntimeError as e:  # no toolchain: the Python path is still tested
-        pytest.skip(f"native kernels unavailable: {e}")
-
-
-@pytest.fixture(params=["aten", "native"])
-def backend(request):
-    """The bookkeeping in Python (``"aten"``) and in the native module (``"native"``)."""
-    old = kernels.get_backend()
-    if request.param == "native":
-        request.getfixturevalue("native_mod")
-    kernels.set_backend(request.param)
-    yield request.param
-    kernels.set_backend(old)
 
 
 # --------------------------------------------------------------------------- model changes
@@ -276,7 +257,7 @@ def test_live_grads_native_matches_python_including_grads_autograd_made(native_m
     sub = _TracedParam(torch.randn(3))
     sub.grad = torch.ones(3)
     for helper in (native_mod.live_grads, native_mod.all_trainable, native_mod.versions):
-        assert helper([sub]) is None and helper(ps[1:] + [sub]) is None
+        assert helper([sub]) is None and helper([*ps[1:], sub]) is None
         assert helper([ps[1], 3]) is None
 
 
@@ -329,16 +310,6 @@ def test_versions_are_the_version_counters(backend):
     assert list(kernels.versions([])) == []
 
 
-class _FailOnce:
-    def __init__(self):
-        self.armed = True
-
-    def __call__(self, opt, args, kwargs):
-        if self.armed:
-            self.armed = False
-            raise RuntimeError("simulated failure before the update")
-
-
 @pytest.mark.parametrize("touch", [False, True], ids=["retried", "grads-recomputed"])
 def test_retried_step_regularizes_each_gradient_once(backend, touch):
     """A step that fails after our pre-hook and is retried equals one torch SGD step with
@@ -351,7 +322,7 @@ def test_retried_step_regularizes_each_gradient_once(backend, touch):
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, weight_decay=LAM, foreach=True)
     opt = torch.optim.SGD(m.parameters(), lr=0.1, foreach=True)
     tr.Regularizer(m, [tr.L2(LAM, mode="grad", on=tr.select.all)]).attach(opt)
-    opt.register_step_pre_hook(_FailOnce())  # runs after ours, before the update
+    opt.register_step_pre_hook(FailOnce())  # runs after ours, before the update
     for net in (ref, m):
         net(x).square().sum().backward()
     with pytest.raises(RuntimeError, match="simulated"):
@@ -382,6 +353,7 @@ def test_an_active_torch_function_mode_sees_the_grad_reads(backend):
     bk = Bucket(binding=None, group=None, group_index=0, params=ps)
     with Count():
         live_ps, live_gs = bk.live()
+    assert [id(p) for p in live_ps] == [id(p) for p in ps]
     assert Count.reads >= len(ps)
     assert [id(g) for g in live_gs] == [id(p.grad) for p in ps]
 
