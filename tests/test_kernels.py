@@ -470,6 +470,31 @@ def test_plan_cache_survives_resized_data(backend):
         assert torch.equal(g, torch.sign(p))
 
 
+@pytest.mark.parametrize("key", ["l1_grad", "en_grad", "l1_decay", "soft_div"])
+def test_plan_cache_follows_same_size_reshapes_and_reused_ids(key, backend):
+    """The gather plan of small tensors depends on their shapes: a ``.data`` reshaped to
+    the same number of elements (same ids, same sizes), and new tensors of other shapes
+    that may get the freed tensors' ids (a multi-process test hung when one rank raised
+    on such stale views), give reference results."""
+    op, c = op_name(key), OPS[key]
+    for shapes in ([(4, 3)] * 6, [(3, 4)] * 6, [(12,)] * 6, [(2, 6)] * 3 + [(12,)] * 3):
+        ps, gs = make([(sh, torch.float32) for sh in shapes], seed=2)
+        want = ref(op, ps, gs if op in GRAD_OPS else None, c)
+        got = run(op, ps, gs if op in GRAD_OPS else None, c)
+        i = 1 if op in GRAD_OPS else 0
+        assert_same(got[i], want[i], soft_aten=op == "soft" and backend == "aten")
+    ps = [torch.randn(4, 3) for _ in range(6)]
+    gs = [torch.zeros(4, 3) for _ in range(6)]
+    kernels.l1_grad_(ps, gs, 1.0)
+    for t in ps + gs:
+        t.data = t.data.reshape(3, 4)  # same tensors, same sizes, another shape
+    for g in gs:
+        g.zero_()
+    kernels.l1_grad_(ps, gs, 1.0)
+    for p, g in zip(ps, gs):
+        assert torch.equal(g, torch.sign(p))
+
+
 def test_scratch_is_reused_not_model_sized(backend):
     """Repeated calls allocate nothing new: the per-thread scratch stays at most CHUNK
     (or BATCH) elements, however big the tensors."""

@@ -165,10 +165,11 @@ class Plan:
     """Flat buffers for a batch of small tensors and, for each, views shaped like the tensors.
 
     ``flat[k]`` is the first ``total`` elements of scratch buffer k; ``views[k][i]`` is the
-    slice of ``flat[k]`` for tensor i, with its shape. The views depend on the shapes only;
-    plans are cached per thread by the tensors' ids (cheap to compute per step) and
-    checked against the element counts, which catches a parameter whose ``.data`` was
-    replaced by one of another size (a same-size reshape makes the multi-tensor ops raise).
+    slice of ``flat[k]`` for tensor i, with its shape. The views depend on the shapes only,
+    so plans are cached per thread by the tensors' shapes (not their ids: a freed tensor's
+    id is reused by the next one allocated, of any shape — which sent views of another
+    shape into the multi-tensor ops; nor are they fooled by ``.data`` replaced by another
+    shape).
     """
 
     __slots__ = ("flat", "gather", "numels", "views")
@@ -196,11 +197,14 @@ class Plan:
         return f
 
 
+_SHAPE = attrgetter("shape")
+
+
 def plan(ps: list[Tensor], numels: list[int], nbuf: int) -> Plan:
     """The cached :class:`Plan` of these tensors with ``nbuf`` flat buffers."""
     st = state_bufs()
     gen, bufs = st.get(ps[0], sum(numels), nbuf)
-    key = (ps[0].dtype, ps[0].device, gen, nbuf, tuple(map(id, ps)))
+    key = (ps[0].dtype, ps[0].device, gen, nbuf, tuple(map(_SHAPE, ps)))
     pl = st.plans.get_(key)
     if pl is None or pl.numels != numels:
         pl = st.plans.put(key, Plan(ps, numels, bufs[:nbuf]))
