@@ -260,6 +260,26 @@ def test_fixed_norm_keeps_construction_norms_when_params_are_replaced():
     torch.testing.assert_close(m.weight.norm(dim=1), n0, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("shape", [(4, 5), (3, 5)], ids=["same-shape", "other-shape"])
+def test_spectral_norm_keeps_its_vectors_when_params_are_replaced_if_they_fit(shape):
+    """A replaced parameter (a new ``nn.Parameter``): the warmed power-iteration
+    vectors (u, v) are kept, values and all, where the new matrix has the same shape, device
+    and dtype; a matrix of another shape starts from vectors of its own shape."""
+    torch.manual_seed(0)
+    m = nn.Linear(5, 4)
+    reg = tr.Regularizer(m, [tr.SpectralNorm(0.5, n_power_iterations=2, on=tr.select.name("weight"))])
+    reg.apply_prox(lr=0.1)
+    rule = next(iter(reg.rules.values()))
+    u0, v0 = (t.clone() for t in rule.vectors["weight"])
+    m.weight = nn.Parameter(torch.randn(*shape))
+    reg.penalty()  # rebinds
+    u1, v1 = rule.vectors["weight"]
+    if shape == (4, 5):
+        assert torch.equal(u1, u0) and torch.equal(v1, v0)
+    else:
+        assert u1.shape == (3,) and v1.shape == (5,)
+
+
 # =========================================================================== SpectralNorm
 def test_spectral_norm_power_iteration_is_the_textbook_recurrence():
     """One projection: (15 warm-up + n) iterations from the rule's starting vectors, σ̂ = ‖Wv‖,

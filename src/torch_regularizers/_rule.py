@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 from . import select as _select
 
-__all__ = ["LR_COUPLINGS", "MODES", "Rule", "Strength", "check_nonneg", "check_ratio"]
+__all__ = ["LR_COUPLINGS", "MODES", "Rule", "Strength", "check_nonneg", "check_ratio", "kept_state", "same_layout"]
 
 #: Modes a penalty can run in (see docs/design.md §3).
 MODES = ("grad", "decoupled", "prox", "loss")
@@ -30,6 +30,22 @@ def check_nonneg(value: object, arg: str, owner: str) -> float:
     if math.isnan(v) or v < 0 or math.isinf(v):
         raise ValueError(f"{owner}: {arg} must be a finite number >= 0, got {value!r}")
     return v
+
+
+def same_layout(a: Any, b: Any) -> bool:
+    """``a`` and ``b`` have the same shape, device and dtype (a saved state still fits)."""
+    return a.shape == b.shape and a.device == b.device and a.dtype == b.dtype
+
+
+def kept_state(old: dict[str, Any], names: list[str], fresh: list, fits: Callable[[Any, Any], bool]) -> list:
+    """For :meth:`Rule._rebind` of rules with per-parameter state: per name, the state
+    bound before (``old[name]``) where ``fits(old, fresh)``, else the fresh one."""
+    out = list(fresh)
+    for i, n in enumerate(names[: len(out)]):
+        o = old.get(n)
+        if o is not None and fits(o, out[i]):
+            out[i] = o
+    return out
 
 
 def check_ratio(value: object, arg: str, owner: str) -> float:

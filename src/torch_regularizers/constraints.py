@@ -31,7 +31,7 @@ from . import distributed as _dist
 from . import kernels as _kernels
 from . import select as _select
 from ._precision import LOW_PRECISION as _LOW
-from ._rule import Rule, check_nonneg
+from ._rule import Rule, check_nonneg, kept_state, same_layout
 from .structured import (
     Dim,
     _bind_dims,
@@ -384,11 +384,7 @@ class FixedNorm(_GroupConstraint):
         whose groups still fit (same group shape and device); the others are taken now."""
         old = dict(zip(self._names, self._norms))
         self._bind(names, params, modules)
-        for i, n in enumerate(self._names):
-            r = old.get(n)
-            if r is not None and self._norms and r.shape == self._norms[i].shape:
-                if r.device == self._norms[i].device and r.dtype == self._norms[i].dtype:
-                    self._norms[i] = r
+        self._norms = kept_state(old, self._names, self._norms, same_layout)
         self._by_id = {id(p): n for p, n in zip(self._params, self._norms)}
 
     def _unbind(self) -> None:
@@ -620,19 +616,10 @@ class SpectralNorm(Constraint):
         the same shape, device and dtype; the others start afresh."""
         old = dict(zip(self._names, self._vecs))
         self._bind(names, params, modules)
-        for i, n in enumerate(self._names):
-            e, new = old.get(n), self._vecs[i]
-            if (
-                e
-                and new
-                and all(
-                    e[k].shape == new[k].shape
-                    and e[k].device == new[k].device
-                    and e[k].dtype == new[k].dtype
-                    for k in ("u", "v")
-                )
-            ):
-                self._vecs[i] = e
+        self._vecs = kept_state(
+            old, self._names, self._vecs,
+            lambda e, new: bool(e and new and all(same_layout(e[k], new[k]) for k in ("u", "v"))),
+        )
         self._by_id = {id(p): e for p, e in zip(self._params, self._vecs)}
 
     def _unbind(self) -> None:
